@@ -1,0 +1,294 @@
+"""Converts the official PyTorch checkpoints (taming-transformers) to Flax.
+
+Library use::
+
+  model, variables = load_taming_vqgan("last.ckpt", "model.yaml")
+  gpt, gpt_variables = load_taming_transformer("last.ckpt", "model.yaml")
+
+Command line (writes this project's checkpoint format, loadable with
+``vqgan_jax.load_vqgan`` / ``vqgan_jax.load_transformer``)::
+
+  python -m vqgan_jax.convert --checkpoint last.ckpt --config model.yaml \
+      --out converted/vqgan_f16_16384
+
+No torch is needed: checkpoints are read with :mod:`vqgan_jax.torch_io`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import traverse_util
+
+from vqgan_jax import torch_io
+from vqgan_jax import vqgan as vqgan_lib
+
+VQ_TARGETS = {
+    "taming.models.vqgan.VQModel": "vq",
+    "taming.models.vqgan.VQSegmentationModel": "vq",
+    "taming.models.vqgan.VQNoDiscModel": "vq",
+    "taming.models.vqgan.GumbelVQ": "gumbel",
+}
+TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
+# Buffers of the reference models that are not weights of the network.
+_IGNORED_KEYS = re.compile(r"^(colorize|loss\.|.*num_batches_tracked$)")
+
+
+class ConversionError(ValueError):
+  """A checkpoint or config that does not describe the expected model."""
+
+
+# ----------------------------------------------------------------------------
+# Config files
+
+
+def read_reference_config(config_path: str | os.PathLike) -> Dict[str, Any]:
+  """Reads a reference YAML config (``model: {target, params}``)."""
+  path = os.fspath(config_path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"config file not found: {path} (pass the YAML that was released "
+        "next to the checkpoint, e.g. configs/model.yaml)")
+  try:
+    with open(path) as f:
+      cfg = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    raise ConversionError(f"{path} is not valid YAML: {e}") from e
+  if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or (
+      "target" not in cfg["model"]):
+    raise ConversionError(
+        f"{path} is not a taming-transformers config: expected a top-level "
+        "'model' with 'target' and 'params'")
+  return cfg
+
+
+def vqgan_from_reference(model_cfg: Mapping[str, Any], *,
+                         dtype=jnp.float32, param_dtype=jnp.float32,
+                         noisy_gumbel: bool = False) -> vqgan_lib.VQGAN:
+  """Builds a :class:`VQGAN` from a reference ``model`` entry (target+params)."""
+  target = model_cfg.get("target")
+  if target not in VQ_TARGETS:
+    raise ConversionError(
+        f"unknown first-stage target {target!r}; supported: "
+        f"{sorted(VQ_TARGETS)} (or {TRANSFORMER_TARGET} for its first stage)")
+  params = model_cfg.get("params", {})
+  try:
+    dd = params["ddconfig"]
+    n_embed, embed_dim = params["n_embed"], params["embed_dim"]
+  except KeyError as e:
+    raise ConversionError(f"model.params lacks {e.args[0]!r}") from e
+  if dd.get("double_z", False):
+    raise ConversionError("ddconfig.double_z=True is not a VQGAN encoder")
+  kind = VQ_TARGETS[target]
+  extra = {}
+  if kind == "gumbel":
+    if embed_dim != dd["z_channels"]:
+      raise ConversionError(
+          f"GumbelVQ needs embed_dim == z_channels, got {embed_dim} and "
+          f"{dd['z_channels']}")
+    extra = dict(kl_weight=params.get("kl_weight", 1e-8),
+                 gumbel_noisy_inference=noisy_gumbel)
+  return vqgan_lib.VQGAN(
+      ch=dd["ch"], out_ch=dd["out_ch"], ch_mult=tuple(dd["ch_mult"]),
+      num_res_blocks=dd["num_res_blocks"],
+      attn_resolutions=tuple(dd["attn_resolutions"]),
+      dropout=dd.get("dropout", 0.0), in_channels=dd["in_channels"],
+      resolution=dd["resolution"], z_channels=dd["z_channels"],
+      n_embed=n_embed, embed_dim=embed_dim, quantizer=kind, dtype=dtype,
+      param_dtype=param_dtype, **extra)
+
+
+# ----------------------------------------------------------------------------
+# State dict <-> Flax parameters
+
+
+def flax_path_to_torch_key(path: Tuple[str, ...]) -> str:
+  """``('encoder', 'down_0_block_1', 'conv1', 'kernel')`` -> ``encoder.down.0.block.1.conv1.weight``."""
+  *mods, leaf = path
+  key = ".".join(mods)
+  key = re.sub(r"(down|up)_(\d+)_(block|attn)_(\d+)", r"\1.\2.\3.\4", key)
+  key = re.sub(r"(down|up)_(\d+)_(downsample|upsample)", r"\1.\2.\3", key)
+  key = re.sub(r"mid_((block|attn)_\d)", r"mid.\1", key)
+  if mods == ["quantize"] and leaf in ("embedding", "embed"):
+    return f"quantize.{leaf}.weight"
+  return key + "." + {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+
+
+def _to_flax(name: str, value: np.ndarray, target_shape) -> np.ndarray:
+  if value.ndim == 4 and len(target_shape) == 4:  # conv (O, I, kh, kw) -> HWIO
+    value = value.transpose(2, 3, 1, 0)
+  elif value.ndim == 2 and len(target_shape) == 2 and name.endswith(
+      "kernel"):  # linear
+    value = value.T
+  return value
+
+
+def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
+                           abstract_params, *, prefix: str = "",
+                           ignore: re.Pattern = _IGNORED_KEYS,
+                           what: str = "checkpoint") -> Dict[str, Any]:
+  """Fills a Flax parameter tree from a torch state dict, checking everything.
+
+  Args:
+    state_dict: torch names -> arrays.
+    abstract_params: the target tree (arrays or ShapeDtypeStructs).
+    prefix: prefix of the relevant keys in ``state_dict``.
+    ignore: keys (after the prefix) that are not parameters of this model.
+    what: how to name the source in errors.
+
+  Returns:
+    The parameter tree, float32 numpy arrays in Flax layout.
+
+  Raises:
+    ConversionError: listing missing keys, unexpected keys, and shape
+      mismatches (key, checkpoint shape, expected shape).
+  """
+  flat = traverse_util.flatten_dict(abstract_params)
+  own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  wanted = {flax_path_to_torch_key(p): p for p in flat}
+  missing = sorted(set(wanted) - set(own))
+  unexpected = sorted(k for k in set(own) - set(wanted) if not ignore.match(k))
+  out, mismatched = {}, []
+  for key, path in wanted.items():
+    if key not in own:
+      continue
+    target = flat[path]
+    value = _to_flax(path[-1], np.asarray(own[key]), target.shape)
+    if tuple(value.shape) != tuple(target.shape):
+      mismatched.append(f"{prefix}{key}: checkpoint {tuple(own[key].shape)}, "
+                        f"model expects {_torch_shape(target.shape)}")
+      continue
+    out[path] = value.astype(np.float32)
+  if missing or unexpected or mismatched:
+    raise ConversionError(_mismatch_message(what, prefix, missing, unexpected,
+                                            mismatched))
+  return traverse_util.unflatten_dict(out)
+
+
+def _torch_shape(shape):
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def _mismatch_message(what, prefix, missing, unexpected, mismatched, limit=20):
+  lines = [f"the {what} does not match the model built from its config:"]
+  for title, items in (("missing keys", missing),
+                       ("unexpected keys", unexpected),
+                       ("shape mismatches", mismatched)):
+    if items:
+      shown = [i if i.startswith(prefix) and ":" in i else prefix + i
+               for i in items[:limit]]
+      more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+      lines.append(f"  {title} ({len(items)}){more}: " + ", ".join(shown))
+  lines.append("  check that the YAML config is the one released with this "
+               "checkpoint")
+  return "\n".join(lines)
+
+
+def state_dict_from_params(params, *, prefix: str = "") -> Dict[str, np.ndarray]:
+  """Inverse of :func:`params_from_state_dict` (Flax -> torch layout)."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    value = np.asarray(value)
+    if value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)
+    out[prefix + flax_path_to_torch_key(path)] = value
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+def _first_stage_entry(cfg: Dict[str, Any], config_path) -> Tuple[Dict, str]:
+  model_cfg = cfg["model"]
+  if model_cfg["target"] == TRANSFORMER_TARGET:
+    try:
+      return model_cfg["params"]["first_stage_config"], "first_stage_model."
+    except KeyError as e:
+      raise ConversionError(
+          f"{config_path}: Net2NetTransformer config lacks "
+          "model.params.first_stage_config") from e
+  return model_cfg, ""
+
+
+def _abstract_params(model: vqgan_lib.VQGAN):
+  shape = (1, model.resolution, model.resolution, model.in_channels)
+  return jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0),
+                          "gumbel": jax.random.PRNGKey(0)},
+                         jnp.zeros(shape, jnp.float32)))["params"]
+
+
+def convert_taming_vqgan(checkpoint_path, config_path, *, dtype=jnp.float32,
+                         param_dtype=jnp.float32, noisy_gumbel: bool = False,
+                         state_dict: Optional[Mapping[str, np.ndarray]] = None
+                         ) -> Tuple[vqgan_lib.VQGAN, Dict, Dict[str, Any]]:
+  """Like :func:`load_taming_vqgan`, also returning the loss weights.
+
+  Returns:
+    ``(model, variables, extras)``; ``extras`` maps ``'discriminator'`` and
+    ``'lpips'`` to their Flax variables when the checkpoint holds the
+    reference's ``loss.discriminator.*`` / ``loss.perceptual_loss.*``.
+  """
+  cfg = read_reference_config(config_path)
+  entry, prefix = _first_stage_entry(cfg, config_path)
+  model = vqgan_from_reference(entry, dtype=dtype, param_dtype=param_dtype,
+                               noisy_gumbel=noisy_gumbel)
+  if state_dict is None:
+    state_dict = torch_io.load_state_dict(checkpoint_path)
+  ignore = _IGNORED_KEYS
+  if prefix:  # a transformer checkpoint: skip the GPT and the cond stage
+    state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  params = params_from_state_dict(
+      state_dict, _abstract_params(model), prefix=prefix, ignore=ignore,
+      what=f"checkpoint {os.fspath(checkpoint_path)}")
+  params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
+  extras = _loss_extras(state_dict, prefix)
+  return model, {"params": params}, extras
+
+
+def _loss_extras(state_dict, prefix) -> Dict[str, Any]:
+  extras = {}
+  disc_prefix = prefix + "loss.discriminator."
+  if any(k.startswith(disc_prefix) for k in state_dict):
+    from vqgan_jax import discriminator  # pylint: disable=g-import-not-at-top
+    extras["discriminator"] = discriminator.params_from_state_dict(
+        state_dict, prefix=disc_prefix)
+  lp_prefix = prefix + "loss.perceptual_loss."
+  if any(k.startswith(lp_prefix) for k in state_dict):
+    from vqgan_jax import lpips  # pylint: disable=g-import-not-at-top
+    extras["lpips"] = lpips.lpips_variables_from_reference(
+        state_dict, prefix=lp_prefix)
+  return extras
+
+
+def load_taming_vqgan(checkpoint_path, config_path, *, dtype=jnp.float32,
+                      param_dtype=jnp.float32, noisy_gumbel: bool = False
+                      ) -> Tuple[vqgan_lib.VQGAN, Dict]:
+  """Loads a reference VQModel / GumbelVQ checkpoint as ``(model, variables)``.
+
+  Args:
+    checkpoint_path: a reference Lightning ``.ckpt`` (dict with
+      ``state_dict``); a Net2NetTransformer checkpoint gives its first stage.
+    config_path: the reference YAML released with it.
+    dtype: compute dtype of the returned model (float32 by default).
+    param_dtype: dtype of the returned parameters.
+    noisy_gumbel: GumbelVQ only: reproduce the reference's noisy encoding at
+      inference instead of the argmax of the logits.
+
+  Returns:
+    ``(model, {'params': ...})``.
+  """
+  model, variables, _ = convert_taming_vqgan(
+      checkpoint_path, config_path, dtype=dtype, param_dtype=param_dtype,
+      noisy_gumbel=noisy_gumbel)
+  return model, variables

@@ -1,0 +1,239 @@
+"""Encoder and decoder of the VQGAN, built block for block as the reference.
+
+Layout NHWC. Module names mirror the published model (``down_{i}_block_{j}``
+is the reference's ``down[i].block[j]``) so that conversion is a rename.
+Parameters are initialised as PyTorch initialises its convolutions
+(uniform(+-1/sqrt(fan_in)) for kernels and biases), so training from
+scratch starts from the same distribution as the reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _torch_uniform(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def normalize(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+  """GroupNorm(32 groups, eps 1e-6, affine); statistics in float32."""
+  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
+
+
+def swish(x):
+  return x * jax.nn.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+  """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, + skip.
+
+  The skip is a 1x1 ``nin_shortcut`` when the channel count changes.
+  """
+  out_channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = swish(normalize("norm1", **kw)(x))
+    h = _conv(self.out_channels, 3, "conv1", **kw)(h)
+    h = swish(normalize("norm2", **kw)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = _conv(self.out_channels, 3, "conv2", **kw)(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, "nin_shortcut", padding=0, **kw)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H*W positions, with a residual.
+
+  1x1 ``q``, ``k``, ``v``, ``proj_out``; scale ``C**-0.5``; softmax in
+  float32.
+  """
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, hgt, wid, c = x.shape
+    h = normalize("norm", **kw)(x)
+    q = _conv(c, 1, "q", padding=0, **kw)(h).reshape(b, hgt * wid, c)
+    k = _conv(c, 1, "k", padding=0, **kw)(h).reshape(b, hgt * wid, c)
+    v = _conv(c, 1, "v", padding=0, **kw)(h).reshape(b, hgt * wid, c)
+    w = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
+    w = jax.nn.softmax(w * (c**-0.5), axis=-1).astype(v.dtype)
+    h = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hgt, wid, c)
+    return x + _conv(c, 1, "proj_out", padding=0, **kw)(h)
+
+
+class Downsample(nn.Module):
+  """Zero-pad right and bottom by one, then a 3x3 conv with stride 2."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return _FlatConv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)),
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then a 3x3 conv."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _FlatConv(x.shape[-1], 3, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="conv")(x)
+
+
+def _conv(features, kernel_size, name, padding=1, **kw):
+  """A conv whose parameters sit directly under ``name`` (no extra level)."""
+  return _FlatConv(features, kernel_size, padding=padding, name=name, **kw)
+
+
+class _FlatConv(nn.Module):
+  """A 2-D convolution with PyTorch's default initialisation."""
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: Any = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1] * self.kernel_size**2
+    kernel = self.param("kernel", _torch_uniform(fan_in),
+                        (self.kernel_size, self.kernel_size, x.shape[-1],
+                         self.features), self.param_dtype)
+    bias = self.param("bias", _torch_uniform(fan_in), (self.features,),
+                      self.param_dtype)
+    return conv2d(x, kernel, bias, strides=self.strides, padding=self.padding,
+                  dtype=self.dtype)
+
+
+def conv2d(x, kernel, bias=None, *, strides: int = 1, padding: Any = 1,
+           dtype: Dtype = None):
+  """NHWC convolution with an HWIO kernel, as a pure function.
+
+  Exposed so that a trainer can differentiate with respect to one kernel
+  (the decoder's ``conv_out``) in isolation.
+  """
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  dtype = dtype or x.dtype
+  y = jax.lax.conv_general_dilated(
+      x.astype(dtype), kernel.astype(dtype), (strides, strides), padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
+
+
+class Encoder(nn.Module):
+  """conv_in -> levels of ResnetBlocks (+ attention) and downsamples -> mid -> out.
+
+  Attention is applied after every block of a level whose resolution (counted
+  from the config ``resolution``, not from the input size) is in
+  ``attn_resolutions``.
+  """
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  resolution: int
+  z_channels: int
+  dropout: float = 0.0
+  double_z: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _conv(self.ch, 3, "conv_in", **kw)(x.astype(self.dtype))
+    res = self.resolution
+    for i, mult in enumerate(self.ch_mult):
+      for j in range(self.num_res_blocks):
+        h = ResnetBlock(self.ch * mult, self.dropout, name=f"down_{i}_block_{j}",
+                        **kw)(h, deterministic)
+        if res in self.attn_resolutions:
+          h = AttnBlock(name=f"down_{i}_attn_{j}", **kw)(h)
+      if i != len(self.ch_mult) - 1:
+        h = Downsample(name=f"down_{i}_downsample", **kw)(h)
+        res //= 2
+    c = h.shape[-1]
+    h = ResnetBlock(c, self.dropout, name="mid_block_1", **kw)(h, deterministic)
+    h = AttnBlock(name="mid_attn_1", **kw)(h)
+    h = ResnetBlock(c, self.dropout, name="mid_block_2", **kw)(h, deterministic)
+    h = swish(normalize("norm_out", **kw)(h))
+    out = 2 * self.z_channels if self.double_z else self.z_channels
+    return _conv(out, 3, "conv_out", **kw)(h)
+
+
+class Decoder(nn.Module):
+  """conv_in -> mid -> levels coarsest to finest (num_res_blocks + 1 blocks) -> out.
+
+  ``up_0`` is the finest level although it runs last, as in the reference.
+  No output activation and no clamp. With ``features_only`` the output of
+  the last swish (the input of ``conv_out``) is returned instead, which the
+  adaptive GAN weight differentiates through.
+  """
+  ch: int
+  out_ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  resolution: int
+  z_channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, deterministic: bool = True, features_only: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n = len(self.ch_mult)
+    c = self.ch * self.ch_mult[-1]
+    res = self.resolution // 2**(n - 1)
+    h = _conv(c, 3, "conv_in", **kw)(z.astype(self.dtype))
+    h = ResnetBlock(c, self.dropout, name="mid_block_1", **kw)(h, deterministic)
+    h = AttnBlock(name="mid_attn_1", **kw)(h)
+    h = ResnetBlock(c, self.dropout, name="mid_block_2", **kw)(h, deterministic)
+    for i in reversed(range(n)):
+      for j in range(self.num_res_blocks + 1):
+        h = ResnetBlock(self.ch * self.ch_mult[i], self.dropout,
+                        name=f"up_{i}_block_{j}", **kw)(h, deterministic)
+        if res in self.attn_resolutions:
+          h = AttnBlock(name=f"up_{i}_attn_{j}", **kw)(h)
+      if i != 0:
+        h = Upsample(name=f"up_{i}_upsample", **kw)(h)
+        res *= 2
+    h = swish(normalize("norm_out", **kw)(h))
+    conv_out = _conv(self.out_ch, 3, "conv_out", **kw)
+    if features_only:
+      if self.is_initializing():
+        conv_out(h)
+      return h
+    return conv_out(h)
