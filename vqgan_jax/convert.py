@@ -292,3 +292,57 @@ def load_taming_vqgan(checkpoint_path, config_path, *, dtype=jnp.float32,
       checkpoint_path, config_path, dtype=dtype, param_dtype=param_dtype,
       noisy_gumbel=noisy_gumbel)
   return model, variables
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+def write_converted_vqgan(checkpoint_path, config_path, out_dir, *,
+                          noisy_gumbel: bool = False, state_dict=None) -> str:
+  """Converts a reference first stage into a pretrained directory."""
+  from vqgan_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  model, variables, extras = convert_taming_vqgan(
+      checkpoint_path, config_path, noisy_gumbel=noisy_gumbel,
+      state_dict=state_dict)
+  return checkpoint.save_pretrained(
+      out_dir, "vqgan", vqgan_lib.model_config(model), variables, extras,
+      source={"checkpoint": os.path.abspath(checkpoint_path),
+              "config": os.path.abspath(config_path)},
+      extras_saved=sorted(extras))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m vqgan_jax.convert",
+      description="Convert an official taming-transformers checkpoint "
+      "(VQModel, GumbelVQ or Net2NetTransformer) to vqgan-jax's format.")
+  parser.add_argument("--checkpoint", required=True,
+                      help="reference Lightning .ckpt (e.g. last.ckpt)")
+  parser.add_argument("--config", required=True,
+                      help="the YAML released with it (e.g. model.yaml)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--noisy-gumbel", action="store_true",
+                      help="GumbelVQ: keep the reference's noisy encoding at "
+                      "inference instead of the argmax")
+  args = parser.parse_args(argv)
+  try:
+    cfg = read_reference_config(args.config)
+    if os.path.exists(os.path.join(args.out, "model.json")):
+      raise ConversionError(
+          f"{args.out} already holds a converted model; choose a new --out "
+          "(nothing was overwritten)")
+    if cfg["model"]["target"] == TRANSFORMER_TARGET:
+      out = write_converted_transformer(args.checkpoint, args.config, args.out)
+    else:
+      out = write_converted_vqgan(args.checkpoint, args.config, args.out,
+                                  noisy_gumbel=args.noisy_gumbel)
+  except (ConversionError, torch_io.CheckpointError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -211,13 +211,6 @@ def _load_legacy(path) -> Any:
       raise CheckpointError(f"{path}: not a PyTorch checkpoint (bad magic)")
     pickle.load(f)  # protocol version
     pickle.load(f)  # sys info
-    pending = {}
-
-    def load_storage(key, dtype, numel):
-      if key not in pending:
-        pending[key] = (np.zeros(0, dtype), dtype)
-      return pending[key]
-
     # Storages come after the object, so tensors are rebuilt lazily.
     placeholders = {}
 
@@ -268,7 +261,7 @@ class _LegacyUnpickler(_Unpickler):
     return (self._load_storage(key, np.dtype(storage_type.dtype), numel),)
 
 
-def _resolve(obj, data, _seen=None):
+def _resolve(obj, data):
   if isinstance(obj, _LazyTensor):
     return _rebuild_tensor((data[obj.key],), obj.offset, obj.size, obj.stride)
   if isinstance(obj, dict):

@@ -1,0 +1,168 @@
+"""Conversion: the torch-free reader, the project format, and clear errors."""
+import argparse
+import collections
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+import reference_ckpt as rc
+import vqgan_jax
+from vqgan_jax import checkpoint
+from vqgan_jax import convert
+from vqgan_jax import torch_io
+
+TINY = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1,
+            attn_resolutions=[8], dropout=0.0, in_channels=3, resolution=16,
+            z_channels=32)
+
+
+@pytest.fixture(scope="module")
+def torch():
+  return oracle.torch()
+
+
+@pytest.fixture()
+def tiny_ckpt(tmp_path, torch):
+  cfg = rc.vq_model_config(TINY, 32, 8)
+  ref = rc.build_reference(cfg, seed=0)
+  ckpt, yml = rc.save_reference(tmp_path, ref, cfg)
+  return ref, cfg, ckpt, yml
+
+
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_torch_free_reader_matches_torch_load(tmp_path, torch, legacy_format):
+  sd = collections.OrderedDict(
+      a=torch.randn(3, 4), transposed=torch.randn(4, 3).t(),
+      ints=torch.arange(5), bf16=torch.randn(2, 2).bfloat16(),
+      scalar=torch.tensor(3.0), view=torch.randn(10)[2:7],
+      half=torch.randn(3).half())
+  obj = {"state_dict": sd, "epoch": 3, "ns": argparse.Namespace(x=1)}
+  path = tmp_path / "x.ckpt"
+  torch.save(obj, path, _use_new_zipfile_serialization=not legacy_format)
+  out = torch_io.load_state_dict(path)
+  assert list(out) == list(sd)
+  for k, v in sd.items():
+    ref = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    assert out[k].shape == tuple(v.shape), k
+    np.testing.assert_array_equal(np.asarray(out[k], ref.dtype), ref, err_msg=k)
+  assert isinstance(torch_io.load_torch_file(path)["ns"], torch_io.Placeholder)
+
+
+def test_reader_never_executes_pickled_code(tmp_path):
+  import pickle
+
+  class Evil:
+
+    def __reduce__(self):
+      return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+  path = tmp_path / "evil.pth"
+  import zipfile
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pickle.dumps({"state_dict": {"x": Evil()}}))
+  with pytest.raises(torch_io.CheckpointError):
+    torch_io.load_state_dict(path)
+  assert not (tmp_path / "pwned").exists()
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path):
+  bad = tmp_path / "random.ckpt"
+  bad.write_bytes(os.urandom(1000))
+  with pytest.raises(torch_io.CheckpointError, match="could not be read as a PyTorch checkpoint"):
+    torch_io.load_state_dict(bad)
+  with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+    torch_io.load_state_dict(tmp_path / "nope.ckpt")
+
+
+def test_unknown_target_is_named(tiny_ckpt, tmp_path):
+  _, cfg, ckpt, _ = tiny_ckpt
+  yml = rc.write_yaml(tmp_path / "bad.yaml", dict(cfg, target="taming.models.vqgan.Foo"))
+  with pytest.raises(convert.ConversionError, match="unknown first-stage target 'taming.models.vqgan.Foo'"):
+    convert.load_taming_vqgan(ckpt, yml)
+
+
+def test_missing_and_unexpected_keys_are_listed(tiny_ckpt, tmp_path, torch):
+  ref, cfg, _, yml = tiny_ckpt
+  sd = ref.state_dict()
+  del sd["decoder.conv_out.bias"]
+  sd["encoder.extra.weight"] = torch.zeros(1)
+  ckpt = rc.lightning_checkpoint(tmp_path / "broken.ckpt", sd)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.load_taming_vqgan(ckpt, yml)
+  msg = str(e.value)
+  assert "missing keys (1)" in msg and "decoder.conv_out.bias" in msg
+  assert "unexpected keys (1)" in msg and "encoder.extra.weight" in msg
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tiny_ckpt, tmp_path):
+  _, cfg, ckpt, _ = tiny_ckpt
+  wrong = rc.vq_model_config(TINY, 64, 8)  # the checkpoint has 32 codes
+  yml = rc.write_yaml(tmp_path / "wrong.yaml", wrong)
+  with pytest.raises(convert.ConversionError,
+                     match=r"quantize.embedding.weight: checkpoint \(32, 8\), model expects \(64, 8\)"):
+    convert.load_taming_vqgan(ckpt, yml)
+
+
+def test_config_errors(tmp_path, tiny_ckpt):
+  _, _, ckpt, _ = tiny_ckpt
+  with pytest.raises(FileNotFoundError, match="config file not found"):
+    convert.load_taming_vqgan(ckpt, tmp_path / "none.yaml")
+  (tmp_path / "x.yaml").write_text("foo: 1\n")
+  with pytest.raises(convert.ConversionError, match="not a taming-transformers config"):
+    convert.load_taming_vqgan(ckpt, tmp_path / "x.yaml")
+
+
+def test_cli_writes_project_format_and_load_vqgan_reads_it(tiny_ckpt, tmp_path, capsys):
+  ref, _, ckpt, yml = tiny_ckpt
+  out = tmp_path / "converted"
+  assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(out)]) == 0
+  model, variables = vqgan_jax.load_vqgan(str(out))
+  ref_model, ref_vars = convert.load_taming_vqgan(ckpt, yml)
+  assert model == ref_model
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(ref_vars)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A second conversion into the same directory refuses and changes nothing.
+  before = sorted(os.listdir(out))
+  assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(out)]) == 2
+  assert "already holds a converted model" in capsys.readouterr().err
+  assert sorted(os.listdir(out)) == before
+  # A corrupt file is an error with exit code 2, not a traceback.
+  bad = tmp_path / "bad.ckpt"
+  bad.write_bytes(b"\x00" * 100)
+  assert convert.main(["--checkpoint", str(bad), "--config", str(yml), "--out", str(tmp_path / "o2")]) == 2
+  assert not (tmp_path / "o2").exists()
+
+
+def test_load_vqgan_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    vqgan_jax.load_vqgan(str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="holds no model.json"):
+    vqgan_jax.load_vqgan(str(tmp_path))
+  checkpoint.write_model_json(str(tmp_path), "transformer", {})
+  with pytest.raises(ValueError, match="holds a 'transformer' model, not a 'vqgan'"):
+    vqgan_jax.load_vqgan(str(tmp_path))
+
+
+def test_full_f16_parameter_count_equals_reference():
+  model = vqgan_jax.VQGAN(n_embed=16384)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 256, 256, 3))))
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+  assert count(shapes["params"]["encoder"]) == 29_298_176
+  assert count(shapes["params"]["decoder"]) == 42_449_795
+  assert count(shapes["params"]) == 76_073_859
+
+
+def test_import_pulls_in_neither_tensorflow_nor_torch():
+  import subprocess
+  import sys
+  code = ("import sys, vqgan_jax, vqgan_jax.vqgan, vqgan_jax.convert, vqgan_jax.checkpoint; "
+          "m = vqgan_jax.VQGAN; "
+          "bad = [k for k in ('tensorflow', 'torch', 'tensorflow_datasets') if k in sys.modules]; "
+          "print(bad); sys.exit(1 if bad else 0)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert r.returncode == 0, r.stdout + r.stderr
