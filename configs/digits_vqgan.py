@@ -1,0 +1,45 @@
+r"""VQGAN on the embedded `digits` dataset (scikit-learn's handwritten digits).
+
+Runs offline on 2 CPU cores in minutes:
+
+  python train_vqgan.py --config=configs/digits_vqgan.py --workdir=runs/digits_vqgan
+
+The perceptual (LPIPS) term is off: its VGG16 weights are a download, and
+this config must run without network. Everything else is the reference's
+loss: L1 + adaptive-weight hinge PatchGAN (from `disc_start`) + codebook.
+`--config=configs/digits_vqgan.py:test` is a seconds-long variant for tests.
+"""
+from vqgan_jax.training import defaults
+
+
+def get_config(arg: str = ""):
+  c = defaults.vqgan_config()
+  c.dataset = "digits"
+  c.model.update(dict(
+      ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+      resolution=32, z_channels=64, n_embed=64, embed_dim=32, legacy_loss=False))
+  c.loss.update(dict(disc_start=1500, disc_weight=0.1, perceptual_weight=0.0))
+  c.disc.update(dict(n_layers=2, ndf=32))
+  c.optim.update(dict(lr_scaling="none", learning_rate=2e-3, b1=0.5, b2=0.9))
+  c.batch_size = 64
+  c.num_train_steps = 2500
+  c.log_every = 50
+  c.eval_every = 500
+  c.eval_batches = 0  # the whole validation split (180 digits)
+  c.image_every = 500
+  c.checkpoint_every = 500
+  if arg == "test":
+    c.model.update(dict(ch=32, z_channels=32, n_embed=32, embed_dim=16,
+                        resolution=16))
+    c.disc.update(dict(n_layers=1, ndf=16))
+    c.loss.disc_start = 3
+    c.batch_size = 8
+    c.num_train_steps = 6
+    c.log_every = 2
+    c.eval_every = 6
+    c.eval_batches = 2
+    c.image_every = 6
+    c.checkpoint_every = 4
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; valid: '' or 'test'")
+  return c

@@ -1,0 +1,129 @@
+"""Metrics to ``metrics.jsonl`` and TensorBoard, images to PNG grids, timers."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+from PIL import Image
+
+
+def _scalar(v) -> Any:
+  v = np.asarray(v)
+  if v.size != 1:
+    raise ValueError(f"metric is not a scalar: shape {v.shape}")
+  v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf; keep them visible
+  return v
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; mirrors scalars to TensorBoard.
+
+  On resume, lines of steps after the restored step (written after the last
+  checkpoint of the interrupted run) are dropped so the file stays a single
+  consistent history.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0,
+               is_primary: bool = True, tensorboard: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.is_primary = is_primary
+    self._tb = None
+    if not is_primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(self.path):
+      keep = []
+      with open(self.path) as f:
+        for line in f:
+          try:
+            if json.loads(line).get("step", 0) <= resume_step:
+              keep.append(line)
+          except json.JSONDecodeError:
+            continue  # a line cut by a kill
+      with open(self.path, "w") as f:
+        f.writelines(keep)
+    if tensorboard:
+      try:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
+        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.info("tensorboard not installed: metrics go to metrics.jsonl only")
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
+    row = {"step": int(step)}
+    row.update({k: _scalar(v) for k, v in metrics.items()})
+    if not self.is_primary:
+      return row
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+      values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                for k, v in row.items()
+                if k != "step" and isinstance(v, (int, float))]
+      self._tb.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(step),
+          summary=summary_pb2.Summary(value=values)))
+      self._tb.flush()
+    return row
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str):
+  """All rows of ``workdir/metrics.jsonl``."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def image_grid(images: np.ndarray, ncol: Optional[int] = None,
+               pad: int = 2) -> np.ndarray:
+  """(N, H, W, C) images in [-1, 1] -> one uint8 grid image (rows of ncol)."""
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  if c not in (1, 3):  # e.g. one-hot segmentation: show the argmax as gray
+    images = (np.argmax(images, -1)[..., None] / max(c - 1, 1)) * 2 - 1
+    c = 1
+  ncol = ncol or int(math.ceil(math.sqrt(n)))
+  nrow = int(math.ceil(n / ncol))
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255,
+                 np.uint8)
+  pix = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = pix[i]
+  return grid
+
+
+def save_png(path: str, pixels: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  if pixels.ndim == 3 and pixels.shape[-1] == 1:
+    pixels = pixels[..., 0]
+  Image.fromarray(pixels).save(path)
+
+
+class RateTimer:
+  """Measures items per second between logging points (host-side only)."""
+
+  def __init__(self):
+    self._t = time.perf_counter()
+    self._n = 0
+
+  def add(self, n: int):
+    self._n += n
+
+  def rate(self) -> float:
+    now = time.perf_counter()
+    r = self._n / max(now - self._t, 1e-9)
+    self._t, self._n = now, 0
+    return r

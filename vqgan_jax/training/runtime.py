@@ -1,0 +1,86 @@
+"""Process-level concerns: multi-host start-up, SIGTERM, NaN guards, seeds."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Optional
+
+
+def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None,
+                                 auto: bool = False) -> None:
+  """Calls ``jax.distributed.initialize`` when launched on several hosts.
+
+  Explicit arguments (or the ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` environment variables) select a
+  cluster by hand; ``auto=True`` lets JAX detect TPU pods, SLURM or
+  Open MPI. Single-host runs call nothing.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  coordinator_address = coordinator_address or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and "JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("a coordinator address needs num_processes and "
+                       "process_id (flags or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+  elif auto:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+class PreemptionHandler:
+  """Turns SIGTERM (and SIGINT) into a flag the training loop polls.
+
+  The loop saves a checkpoint and exits cleanly when ``should_stop`` is
+  set; a second signal falls through to the default handler.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self._event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self._event.is_set():
+      prev = self._previous.get(signum)
+      signal.signal(signum, prev if callable(prev) else signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self._event.set()
+
+  @property
+  def should_stop(self) -> bool:
+    return self._event.is_set()
+
+  def restore(self):
+    for sig, prev in self._previous.items():
+      signal.signal(sig, prev)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is true on any (for coordinated stops)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return flag
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray([int(flag)]))
+  return bool(np.asarray(flags).any())

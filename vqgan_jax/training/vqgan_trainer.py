@@ -1,0 +1,518 @@
+"""Stage-1 training: VQGAN generator and PatchGAN discriminator in one jitted step.
+
+``train_and_evaluate(config, workdir)`` is what ``train_vqgan.py`` calls.
+One step runs the generator once and takes two gradients from that forward
+(magvit's "one forward, two gradients"): the generator's, with the adaptive
+GAN weight computed from the gradients of the reconstruction and GAN terms
+with respect to the decoder's last conv kernel, and the discriminator's on
+the same (stopped) reconstructions. The reference instead re-runs the
+generator for its discriminator step after updating it; the discriminator
+here sees the reconstructions of the pre-update generator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vqgan_jax import checkpoint as ckpt_lib
+from vqgan_jax import discriminator as disc_lib
+from vqgan_jax import losses
+from vqgan_jax import modules
+from vqgan_jax import quantizers
+from vqgan_jax import vqgan as vqgan_lib
+from vqgan_jax.training import checkpoints
+from vqgan_jax.training import metrics as metrics_lib
+from vqgan_jax.training import runtime
+from vqgan_jax.training import sharding as shard_lib
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+# Construction
+
+
+def build_model(config) -> vqgan_lib.VQGAN:
+  return vqgan_lib.from_config(config.model.to_dict())
+
+
+def build_discriminator(config) -> disc_lib.NLayerDiscriminator:
+  return disc_lib.NLayerDiscriminator(
+      input_nc=config.model.out_ch, ndf=config.disc.ndf,
+      n_layers=config.disc.n_layers, use_actnorm=config.disc.use_actnorm,
+      dtype=jnp.dtype(config.model.dtype))
+
+
+def learning_rate(config, num_devices: int | None = None) -> float:
+  """The reference's rule: base_lr x global batch (= per-device x devices)."""
+  o = config.optim
+  if o.lr_scaling == "reference":
+    return float(o.base_learning_rate * config.batch_size)
+  if o.lr_scaling == "none":
+    return float(o.learning_rate)
+  raise ValueError(f"config.optim.lr_scaling={o.lr_scaling!r}; valid: "
+                   "'reference' (base_learning_rate x batch_size) or 'none' "
+                   "(learning_rate as given)")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optim
+  parts = []
+  if o.grad_clip and o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(o.grad_clip))
+  parts.append(optax.adam(learning_rate(config), b1=o.b1, b2=o.b2))
+  return optax.chain(*parts)
+
+
+def load_perceptual(config, extras: Dict[str, Any]):
+  """LPIPS ``(model, variables)`` or ``(None, None)`` when the term is off."""
+  lc = config.loss
+  if not lc.perceptual_weight:
+    return None, None
+  from vqgan_jax import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
+  if lc.lpips_vgg_path or lc.lpips_lin_path:
+    return lpips_lib.load_lpips(lc.lpips_vgg_path, lc.lpips_lin_path)
+  if "lpips" in extras:
+    return lpips_lib.LPIPS(), extras["lpips"]
+  raise ValueError(
+      f"config.loss.perceptual_weight={lc.perceptual_weight} needs LPIPS "
+      "weights, and none were given. Either set "
+      "--config.loss.lpips_vgg_path=PATH/vgg16-397923af.pth (torchvision's "
+      "VGG16 ImageNet weights) and --config.loss.lpips_lin_path="
+      "PATH/lpips/weights/v0.1/vgg.pth (shipped inside the `lpips` pip "
+      "package), or start from a converted reference checkpoint that carries "
+      "them (--config.init_from=DIR), or turn the term off with "
+      "--config.loss.perceptual_weight=0.")
+
+
+def _disc_variables(disc, rng, config):
+  x = jnp.zeros((1, config.model.resolution, config.model.resolution,
+                 config.model.out_ch), jnp.float32)
+  return disc.init(rng, x, train=False)
+
+
+def init_state(model, disc, tx_g, tx_d, config, rng) -> PyTree:
+  """A fresh train state (call under jit with out_shardings)."""
+  r_model, r_disc, r_state = jax.random.split(rng, 3)
+  params = vqgan_lib.init_variables(model, r_model)["params"]
+  dvars = dict(_disc_variables(disc, r_disc, config))
+  disc_params = dvars.pop("params")
+  state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx_g.init(params),
+      "disc_params": disc_params,
+      "disc_state": dvars,
+      "disc_opt_state": tx_d.init(disc_params),
+      "rng": r_state,
+      "bad_steps": jnp.zeros((), jnp.int32),
+  }
+  if config.optim.ema_decay:
+    state["ema_params"] = params
+  return state
+
+
+# ----------------------------------------------------------------------------
+# The step
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
+                    ) -> Callable:
+  """Returns ``step(state, batch, lpips_vars) -> (state, metrics)``."""
+  lc = config.loss
+  d_loss_fn = {"hinge": losses.hinge_d_loss,
+               "vanilla": losses.vanilla_d_loss}[lc.disc_loss]
+  ema = config.optim.ema_decay
+  n_embed = model.n_embed
+
+  def step(state, batch, lpips_vars):
+    x = batch["image"].astype(jnp.float32)
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    r_drop, r_drop2, r_gumbel = jax.random.split(rng, 3)
+    disc_factor = losses.adopt_weight(lc.disc_factor, state["step"],
+                                      lc.disc_start)
+    params = state["params"]
+    dparams = state["disc_params"]
+
+    # Generator up to the last conv, with a VJP for the backward pass.
+    def trunk(p):
+      z_q, aux = model.apply({"params": p}, x, train=True, method=model.encode,
+                             rngs={"dropout": r_drop, "gumbel": r_gumbel})
+      h = model.apply({"params": p}, z_q, train=True,
+                      method=model.decode_features, rngs={"dropout": r_drop2})
+      return (h, aux["q_loss"]), aux["indices"]
+
+    (h, q_loss), trunk_vjp, indices = jax.vjp(trunk, params, has_aux=True)
+    head = params["decoder"]["conv_out"]
+
+    def apply_head(kernel, bias, h):
+      return modules.conv2d(h, kernel, bias, dtype=model.dtype).astype(
+          jnp.float32)
+
+    rec, head_vjp = jax.vjp(apply_head, head["kernel"], head["bias"], h)
+
+    def rec_terms(rec):
+      l1 = jnp.abs(x - rec)
+      if lpips_model is not None:
+        xs, rs = x, rec
+        if xs.shape[-1] == 1:
+          xs, rs = jnp.tile(xs, (1, 1, 1, 3)), jnp.tile(rs, (1, 1, 1, 3))
+        p = lpips_model.apply(jax.lax.stop_gradient(lpips_vars), xs, rs)
+      else:
+        p = jnp.zeros((x.shape[0],), jnp.float32)
+      nll = jnp.mean(l1 + lc.perceptual_weight * p[:, None, None, None])
+      logits_fake, new_stats = disc.apply(
+          {"params": dparams, **state["disc_state"]}, rec, train=True,
+          mutable=list(state["disc_state"].keys()))
+      g = -jnp.mean(logits_fake)
+      return (nll, g), (new_stats, jnp.mean(l1), jnp.mean(p))
+
+    (nll, g_loss), terms_vjp, (disc_state, l1, p_loss) = jax.vjp(
+        rec_terms, rec, has_aux=True)
+    d_nll, = terms_vjp((jnp.ones_like(nll), jnp.zeros_like(g_loss)))
+    d_g, = terms_vjp((jnp.zeros_like(nll), jnp.ones_like(g_loss)))
+    nll_grad_w = head_vjp(d_nll)[0]
+    g_grad_w = head_vjp(d_g)[0]
+    d_weight = losses.adaptive_disc_weight(nll_grad_w, g_grad_w,
+                                           lc.disc_weight)
+    coef = d_weight * disc_factor
+    loss = nll + coef * g_loss + lc.codebook_weight * q_loss
+    g_kernel, g_bias, g_h = head_vjp(d_nll + coef * d_g)
+    grads, = trunk_vjp((g_h, jnp.asarray(lc.codebook_weight, q_loss.dtype)))
+    grads["decoder"]["conv_out"] = {"kernel": g_kernel, "bias": g_bias}
+
+    # Discriminator on the same reconstructions.
+    fake = jax.lax.stop_gradient(rec)
+
+    def disc_loss_fn(dp):
+      variables = {"params": dp, **disc_state}
+      lr_, upd = disc.apply(variables, x, train=True,
+                            mutable=list(disc_state.keys()))
+      lf_, upd = disc.apply({"params": dp, **upd}, fake, train=True,
+                            mutable=list(disc_state.keys()))
+      return disc_factor * d_loss_fn(lr_, lf_), (upd, jnp.mean(lr_),
+                                                 jnp.mean(lf_))
+
+    (d_loss, (disc_state, logits_real, logits_fake)), d_grads = (
+        jax.value_and_grad(disc_loss_fn, has_aux=True)(dparams))
+
+    # Apply both updates unless something is not finite.
+    g_norm, d_norm = _global_norm(grads), _global_norm(d_grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(d_loss) & jnp.isfinite(g_norm)
+              & jnp.isfinite(d_norm))
+    updates, opt_state = tx_g.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    d_updates, d_opt_state = tx_d.update(d_grads, state["disc_opt_state"],
+                                         dparams)
+    new_dparams = optax.apply_updates(dparams, d_updates)
+    keep = lambda new, old: jax.tree.map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = dict(state)
+    new_state.update(
+        step=state["step"] + 1,
+        params=keep(new_params, params),
+        opt_state=keep(opt_state, state["opt_state"]),
+        disc_params=keep(new_dparams, dparams),
+        disc_state=keep(disc_state, state["disc_state"]),
+        disc_opt_state=keep(d_opt_state, state["disc_opt_state"]),
+        bad_steps=jnp.where(finite, 0, state["bad_steps"] + 1),
+    )
+    if ema:
+      new_state["ema_params"] = keep(jax.tree.map(
+          lambda e, p: ema * e + (1 - ema) * p, state["ema_params"],
+          new_params), state["ema_params"])
+    metrics = {
+        "loss": loss, "rec_loss": l1, "p_loss": p_loss, "nll_loss": nll,
+        "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor,
+        "q_loss": q_loss, "disc_loss": d_loss, "logits_real": logits_real,
+        "logits_fake": logits_fake, "grad_norm": g_norm,
+        "disc_grad_norm": d_norm,
+        "codebook_usage": quantizers.codebook_usage(indices, n_embed),
+        "perplexity": quantizers.perplexity(indices, n_embed),
+        "skipped": 1 - finite.astype(jnp.int32),
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model) -> Callable:
+  """``(params, x) -> (rec, indices, psnr, l1)``, per example."""
+
+  def eval_step(params, x):
+    rec, aux = model.apply({"params": params}, x)
+    err = (x.astype(jnp.float32) - rec)
+    mse = jnp.mean(err**2, axis=(1, 2, 3))
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+    return rec, aux["indices"], psnr, jnp.mean(jnp.abs(err), axis=(1, 2, 3))
+
+  return eval_step
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host sharded) global array as one numpy array."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------
+# Validation and the loop
+
+
+def validate_config(config) -> None:
+  """Checks that fail before anything compiles, naming field and fix."""
+  m = config.model
+  f = 2**(len(m.ch_mult) - 1)
+  for name, ch in [("model.ch", m.ch)] + [
+      (f"model.ch * ch_mult[{i}]", m.ch * k) for i, k in enumerate(m.ch_mult)]:
+    if ch % 32:
+      raise ValueError(f"config.{name}={ch} is not divisible by 32, the "
+                       "GroupNorm group count; use a multiple of 32")
+  if m.resolution % f:
+    raise ValueError(f"config.model.resolution={m.resolution} is not "
+                     f"divisible by the downsampling factor {f} "
+                     f"(2**(len(ch_mult)-1)); use a multiple of {f}")
+  reached = {m.resolution // 2**i for i in range(len(m.ch_mult))}
+  never = sorted(set(m.attn_resolutions) - reached)
+  if never:
+    raise ValueError(f"config.model.attn_resolutions contains {never}, never "
+                     f"reached; reached resolutions are {sorted(reached)}")
+  if m.quantizer not in vqgan_lib.QUANTIZERS:
+    raise ValueError(f"config.model.quantizer={m.quantizer!r}; valid: "
+                     f"{vqgan_lib.QUANTIZERS}")
+  if config.loss.disc_loss not in ("hinge", "vanilla"):
+    raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; "
+                     "valid: 'hinge', 'vanilla'")
+  if config.batch_size <= 0 or config.num_train_steps < 0:
+    raise ValueError("config.batch_size must be > 0 and num_train_steps >= 0")
+  learning_rate(config)
+
+
+def _check_batch(config, mesh) -> None:
+  n = mesh.devices.size
+  if config.batch_size % n:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is not divisible by the "
+        f"{n} devices of the mesh {dict(mesh.shape)}; use a multiple of {n}")
+
+
+def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:
+  """Replaces parameters by those of ``config.init_from`` (checked)."""
+  path = config.init_from
+  info, variables = ckpt_lib.load_variables(path, "vqgan")
+  want = vqgan_lib.model_config(model)
+  have = dict(info["config"])
+  diff = {k: (have.get(k), v) for k, v in want.items()
+          if k not in ("dtype", "param_dtype", "dropout")
+          and have.get(k) != v}
+  if diff:
+    raise ValueError(
+        f"config.init_from={path} holds a different architecture: " +
+        ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
+                  for k, (a, b) in sorted(diff.items())) +
+        "; set config.model to the checkpoint's values")
+  params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
+                        variables["params"], state["params"])
+  state = dict(state, params=params)
+  extras = ckpt_lib.load_extras(path)
+  extras_out.update(extras)
+  if "discriminator" in extras:
+    dv = dict(extras["discriminator"])
+    dp = dv.pop("params")
+    if jax.tree.structure(dp) == jax.tree.structure(state["disc_params"]):
+      state["disc_params"] = dp
+      state["disc_state"] = {k: v for k, v in dv.items()
+                             if k in state["disc_state"]}
+    else:
+      logging.warning("init_from: discriminator architecture differs from "
+                      "config.disc; starting the discriminator from scratch")
+  return state
+
+
+def _save_images(workdir, step, x, rec):
+  n = min(8, x.shape[0])
+  grid = metrics_lib.image_grid(
+      np.concatenate([np.asarray(x[:n]), np.asarray(rec[:n])]), ncol=n)
+  metrics_lib.save_png(os.path.join(workdir, "images", f"rec_{step:07d}.png"),
+                       grid)
+
+
+def evaluate(eval_fn, params, dataset, config, batch_sharding, n_embed):
+  """Held-out PSNR, L1, codebook usage and perplexity (all processes join)."""
+  from vqgan_jax.data import make_global_batch  # pylint: disable=g-import-not-at-top
+  psnr, l1, hist = [], [], np.zeros(n_embed)
+  for i, batch in enumerate(dataset.eval_iterator(config.batch_size)):
+    if config.eval_batches and i >= config.eval_batches:
+      break
+    gb = make_global_batch({"image": batch["image"], "mask": batch["mask"]},
+                           batch_sharding)
+    _, idx, p, a = eval_fn(params, gb["image"])
+    mask = to_host(gb["mask"]).astype(bool)
+    psnr.append(to_host(p)[mask])
+    l1.append(to_host(a)[mask])
+    hist += np.bincount(to_host(idx)[mask].ravel(), minlength=n_embed)
+  psnr, l1 = np.concatenate(psnr), np.concatenate(l1)
+  prob = hist / max(hist.sum(), 1)
+  nz = prob[prob > 0]
+  return {
+      "eval_psnr": float(np.mean(psnr)),
+      "eval_l1": float(np.mean(l1)),
+      "eval_codebook_usage": float(np.mean(hist > 0)),
+      "eval_perplexity": float(np.exp(-np.sum(nz * np.log(nz)))),
+      "eval_images": int(len(psnr)),
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> Dict[str, Any]:
+  """Trains (or resumes) a VQGAN in ``workdir``; returns the last metrics."""
+  from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  mesh = shard_lib.make_mesh(config.mesh.to_dict())
+  _check_batch(config, mesh)
+  primary = jax.process_index() == 0
+  model = build_model(config)
+  disc = build_discriminator(config)
+  tx_g, tx_d = make_optimizer(config), make_optimizer(config)
+
+  train_ds = data_lib.build_dataset(
+      config.dataset, resolution=config.model.resolution, split="train",
+      data_dir=config.data_dir, channels=config.model.in_channels)
+  eval_ds = None
+  if config.eval_every:
+    eval_split = config.eval_split
+    if config.dataset.startswith("folder:"):
+      eval_split = "train"
+    eval_ds = data_lib.build_dataset(
+        config.dataset, resolution=config.model.resolution, split=eval_split,
+        data_dir=config.data_dir, channels=config.model.in_channels)
+
+  # Shapes, then shardings, then the state materialised directly sharded.
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(
+      functools.partial(init_state, model, disc, tx_g, tx_d, config), rng)
+  state_sh = shard_lib.state_shardings(abstract, mesh,
+                                       tuple(map(tuple, config.partition_rules)))
+  batch_sh = shard_lib.batch_sharding(mesh)
+  repl = shard_lib.replicated(mesh)
+
+  ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  extras: Dict[str, Any] = {}
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    state, meta, start_step = ckpt.restore(
+        checkpoints.abstract_with_shardings(abstract, state_sh))
+    logging.info("resumed from step %d in %s", start_step, workdir)
+    if config.init_from:
+      extras = ckpt_lib.load_extras(config.init_from)
+  else:
+    state = jax.jit(functools.partial(init_state, model, disc, tx_g, tx_d,
+                                      config), out_shardings=state_sh)(rng)
+    if config.init_from:
+      state = _load_init_from(config, model, state, extras)
+      state = jax.device_put(state, state_sh)
+    start_step = 0
+  if primary:
+    ckpt_lib.write_model_json(workdir, "vqgan", vqgan_lib.model_config(model),
+                              train_config=config.to_dict())
+
+  lpips_model, lpips_vars = load_perceptual(config, extras)
+  lpips_vars = jax.device_put(lpips_vars, repl) if lpips_vars else {}
+  step_fn = jax.jit(
+      make_train_step(model, disc, tx_g, tx_d, config, lpips_model),
+      in_shardings=(state_sh, batch_sh, repl),
+      out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(model),
+                    in_shardings=(state_sh["params"], batch_sh),
+                    out_shardings=batch_sh)
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step,
+                                     is_primary=primary)
+  preempt = runtime.PreemptionHandler()
+  it = train_ds.train_iterator(config.batch_size, seed=config.seed,
+                               start_step=start_step)
+  batches = data_lib.prefetch_to_device(
+      data_lib.ThreadPrefetcher(it, buffer_size=2), 2, batch_sh)
+  timer = metrics_lib.RateTimer()
+  last: Dict[str, Any] = {}
+  step = start_step
+  progress = _progress(primary, start_step, config.num_train_steps)
+  try:
+    while step < config.num_train_steps:
+      batch = next(batches)
+      state, m = step_fn(state, {"image": batch["image"]}, lpips_vars)
+      step += 1
+      timer.add(config.batch_size)
+      progress(1)
+      if step % config.log_every == 0 or step == config.num_train_steps:
+        m = jax.device_get(m)
+        if int(jax.device_get(state["bad_steps"])) >= config.max_bad_steps:
+          raise FloatingPointError(
+              f"{config.max_bad_steps} non-finite steps in a row at step "
+              f"{step}; the last good checkpoint is step "
+              f"{ckpt.latest_step()} in {ckpt.directory}")
+        last = writer.write(step, dict(m, img_per_sec=timer.rate(),
+                                       **train_ds.stats))
+      if config.image_every and step % config.image_every == 0:
+        rec = to_host(eval_fn(state["params"], batch["image"])[0])
+        if primary:
+          _save_images(workdir, step, to_host(batch["image"]), rec)
+      if eval_ds is not None and (step % config.eval_every == 0 or
+                                  step == config.num_train_steps):
+        em = evaluate(eval_fn, state["params"], eval_ds, config, batch_sh,
+                         model.n_embed)
+        last.update(writer.write(step, em))
+      stop = runtime.any_process(preempt.should_stop)
+      if step % config.checkpoint_every == 0 or stop or (
+          step == config.num_train_steps):
+        ckpt.save(step, state, {"step": step, "dataset": config.dataset},
+                  force=True)
+      if stop:
+        logging.warning("stopping at step %d after a signal", step)
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore()
+    progress.close()
+  return last
+
+
+class _progress:
+  """A tqdm bar on the primary process (no-op elsewhere)."""
+
+  def __init__(self, enabled, start, total):
+    self._bar = None
+    if enabled:
+      try:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        self._bar = tqdm(total=total, initial=start, unit="step",
+                         dynamic_ncols=True, mininterval=2.0)
+      except ImportError:  # pragma: no cover
+        pass
+
+  def __call__(self, n):
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
