@@ -5,7 +5,9 @@ import json
 import logging
 import math
 import os
+import sys
 import time
+import types
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
@@ -20,6 +22,22 @@ def _scalar(v) -> Any:
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)  # JSON has no NaN/inf; keep them visible
   return v
+
+
+def _event_file_writer():
+  """TensorBoard's event-file writer, without letting it import TensorFlow.
+
+  tensorboard uses its TensorFlow stub when ``tensorboard.compat.notf``
+  exists; registering that marker keeps a 2 GB TensorFlow out of training
+  processes (and off the accelerators).
+  """
+  sys.modules.setdefault("tensorboard.compat.notf",
+                         types.ModuleType("tensorboard.compat.notf"))
+  try:
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return EventFileWriter
 
 
 class MetricsWriter:
@@ -50,11 +68,11 @@ class MetricsWriter:
       with open(self.path, "w") as f:
         f.writelines(keep)
     if tensorboard:
-      try:
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
-        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
+      writer_cls = _event_file_writer()
+      if writer_cls is None:
         logging.info("tensorboard not installed: metrics go to metrics.jsonl only")
+      else:
+        self._tb = writer_cls(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
     row = {"step": int(step)}

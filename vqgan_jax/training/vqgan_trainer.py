@@ -135,8 +135,6 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
                     ) -> Callable:
   """Returns ``step(state, batch, lpips_vars) -> (state, metrics)``."""
   lc = config.loss
-  d_loss_fn = {"hinge": losses.hinge_d_loss,
-               "vanilla": losses.vanilla_d_loss}[lc.disc_loss]
   ema = config.optim.ema_decay
   n_embed = model.n_embed
 
@@ -166,22 +164,24 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
 
     rec, head_vjp = jax.vjp(apply_head, head["kernel"], head["bias"], h)
 
+    def perceptual(a, b):
+      if a.shape[-1] == 1:  # LPIPS-VGG wants RGB
+        a, b = jnp.tile(a, (1, 1, 1, 3)), jnp.tile(b, (1, 1, 1, 3))
+      return lpips_model.apply(jax.lax.stop_gradient(lpips_vars), a, b)
+
     def rec_terms(rec):
-      l1 = jnp.abs(x - rec)
-      if lpips_model is not None:
-        xs, rs = x, rec
-        if xs.shape[-1] == 1:
-          xs, rs = jnp.tile(xs, (1, 1, 1, 3)), jnp.tile(rs, (1, 1, 1, 3))
-        p = lpips_model.apply(jax.lax.stop_gradient(lpips_vars), xs, rs)
-      else:
-        p = jnp.zeros((x.shape[0],), jnp.float32)
-      nll = jnp.mean(l1 + lc.perceptual_weight * p[:, None, None, None])
+      nll, parts = losses.reconstruction_loss(
+          x, rec, perceptual if lpips_model is not None else None,
+          perceptual_weight=lc.perceptual_weight)
       logits_fake, new_stats = disc.apply(
           {"params": dparams, **state["disc_state"]}, rec, train=True,
           mutable=list(state["disc_state"].keys()))
-      g = -jnp.mean(logits_fake)
-      return (nll, g), (new_stats, jnp.mean(l1), jnp.mean(p))
+      g = losses.generator_gan_loss(logits_fake)
+      return (nll, g), (new_stats, parts["l1_loss"], parts["p_loss"])
 
+    # Gradients of both terms w.r.t. the reconstruction from one forward of
+    # LPIPS and the discriminator; their images under the last conv's VJP
+    # are the kernel gradients the adaptive weight compares.
     (nll, g_loss), terms_vjp, (disc_state, l1, p_loss) = jax.vjp(
         rec_terms, rec, has_aux=True)
     d_nll, = terms_vjp((jnp.ones_like(nll), jnp.zeros_like(g_loss)))
@@ -205,8 +205,10 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
                             mutable=list(disc_state.keys()))
       lf_, upd = disc.apply({"params": dp, **upd}, fake, train=True,
                             mutable=list(disc_state.keys()))
-      return disc_factor * d_loss_fn(lr_, lf_), (upd, jnp.mean(lr_),
-                                                 jnp.mean(lf_))
+      d_loss, m = losses.vqgan_discriminator_loss(
+          lr_, lf_, state["step"], disc_factor=lc.disc_factor,
+          disc_start=lc.disc_start, disc_loss=lc.disc_loss)
+      return d_loss, (upd, m["logits_real"], m["logits_fake"])
 
     (d_loss, (disc_state, logits_real, logits_fake)), d_grads = (
         jax.value_and_grad(disc_loss_fn, has_aux=True)(dparams))
@@ -313,7 +315,7 @@ def _check_batch(config, mesh) -> None:
         f"{n} devices of the mesh {dict(mesh.shape)}; use a multiple of {n}")
 
 
-def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:
+def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:  # noqa
   """Replaces parameters by those of ``config.init_from`` (checked)."""
   path = config.init_from
   info, variables = ckpt_lib.load_variables(path, "vqgan")
@@ -380,6 +382,48 @@ def evaluate(eval_fn, params, dataset, config, batch_sharding, n_embed):
   }
 
 
+@dataclasses.dataclass
+class Setup:
+  """Everything a stage-1 run compiles, for a given config and mesh."""
+  model: vqgan_lib.VQGAN
+  disc: disc_lib.NLayerDiscriminator
+  mesh: Any
+  abstract_state: PyTree
+  state_shardings: PyTree
+  batch_sharding: Any
+  init_fn: Callable  # rng -> sharded state
+  step_fn: Callable  # (state, batch, lpips_vars) -> (state, metrics); donates
+  eval_fn: Callable  # (params, images) -> (rec, indices, psnr, l1)
+  lpips_vars: PyTree
+
+
+def create(config, mesh, extras: Optional[Dict[str, Any]] = None,
+           tx: Optional[Tuple[Any, Any]] = None) -> Setup:
+  """Builds the model, shardings and jitted functions of a stage-1 run."""
+  validate_config(config)
+  _check_batch(config, mesh)
+  model, disc = build_model(config), build_discriminator(config)
+  tx_g, tx_d = tx or (make_optimizer(config), make_optimizer(config))
+  init = functools.partial(init_state, model, disc, tx_g, tx_d, config)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  rules = tuple(tuple(r) for r in config.partition_rules)
+  state_sh = shard_lib.state_shardings(abstract, mesh, rules)
+  batch_sh = shard_lib.batch_sharding(mesh)
+  repl = shard_lib.replicated(mesh)
+  lpips_model, lpips_vars = load_perceptual(config, extras or {})
+  lpips_vars = jax.device_put(lpips_vars, repl) if lpips_vars else {}
+  step_fn = jax.jit(
+      make_train_step(model, disc, tx_g, tx_d, config, lpips_model),
+      in_shardings=(state_sh, {"image": batch_sh}, repl),
+      out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(make_eval_step(model),
+                    in_shardings=(state_sh["params"], batch_sh),
+                    out_shardings=batch_sh)
+  return Setup(model, disc, mesh, abstract, state_sh, batch_sh,
+               jax.jit(init, out_shardings=state_sh), step_fn, eval_fn,
+               lpips_vars)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> Dict[str, Any]:
   """Trains (or resumes) a VQGAN in ``workdir``; returns the last metrics."""
@@ -389,9 +433,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   _check_batch(config, mesh)
   primary = jax.process_index() == 0
-  model = build_model(config)
-  disc = build_discriminator(config)
-  tx_g, tx_d = make_optimizer(config), make_optimizer(config)
 
   train_ds = data_lib.build_dataset(
       config.dataset, resolution=config.model.resolution, split="train",
@@ -405,44 +446,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         config.dataset, resolution=config.model.resolution, split=eval_split,
         data_dir=config.data_dir, channels=config.model.in_channels)
 
-  # Shapes, then shardings, then the state materialised directly sharded.
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(
-      functools.partial(init_state, model, disc, tx_g, tx_d, config), rng)
-  state_sh = shard_lib.state_shardings(abstract, mesh,
-                                       tuple(map(tuple, config.partition_rules)))
-  batch_sh = shard_lib.batch_sharding(mesh)
-  repl = shard_lib.replicated(mesh)
-
+  extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
+  run = create(config, mesh, extras)
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  extras: Dict[str, Any] = {}
   start_step = ckpt.latest_step()
   if start_step is not None:
-    state, meta, start_step = ckpt.restore(
-        checkpoints.abstract_with_shardings(abstract, state_sh))
+    state, _, start_step = ckpt.restore(checkpoints.abstract_with_shardings(
+        run.abstract_state, run.state_shardings))
     logging.info("resumed from step %d in %s", start_step, workdir)
-    if config.init_from:
-      extras = ckpt_lib.load_extras(config.init_from)
   else:
-    state = jax.jit(functools.partial(init_state, model, disc, tx_g, tx_d,
-                                      config), out_shardings=state_sh)(rng)
+    state = run.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
-      state = _load_init_from(config, model, state, extras)
-      state = jax.device_put(state, state_sh)
+      state = _load_init_from(config, run.model, state, {})
+      state = jax.device_put(state, run.state_shardings)
     start_step = 0
   if primary:
-    ckpt_lib.write_model_json(workdir, "vqgan", vqgan_lib.model_config(model),
+    ckpt_lib.write_model_json(workdir, "vqgan",
+                              vqgan_lib.model_config(run.model),
                               train_config=config.to_dict())
-
-  lpips_model, lpips_vars = load_perceptual(config, extras)
-  lpips_vars = jax.device_put(lpips_vars, repl) if lpips_vars else {}
-  step_fn = jax.jit(
-      make_train_step(model, disc, tx_g, tx_d, config, lpips_model),
-      in_shardings=(state_sh, batch_sh, repl),
-      out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(model),
-                    in_shardings=(state_sh["params"], batch_sh),
-                    out_shardings=batch_sh)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step,
                                      is_primary=primary)
@@ -450,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   it = train_ds.train_iterator(config.batch_size, seed=config.seed,
                                start_step=start_step)
   batches = data_lib.prefetch_to_device(
-      data_lib.ThreadPrefetcher(it, buffer_size=2), 2, batch_sh)
+      data_lib.ThreadPrefetcher(it, buffer_size=2), 2, run.batch_sharding)
   timer = metrics_lib.RateTimer()
   last: Dict[str, Any] = {}
   step = start_step
@@ -458,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   try:
     while step < config.num_train_steps:
       batch = next(batches)
-      state, m = step_fn(state, {"image": batch["image"]}, lpips_vars)
+      state, m = run.step_fn(state, {"image": batch["image"]}, run.lpips_vars)
       step += 1
       timer.add(config.batch_size)
       progress(1)
@@ -472,13 +493,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         last = writer.write(step, dict(m, img_per_sec=timer.rate(),
                                        **train_ds.stats))
       if config.image_every and step % config.image_every == 0:
-        rec = to_host(eval_fn(state["params"], batch["image"])[0])
+        rec = to_host(run.eval_fn(state["params"], batch["image"])[0])
         if primary:
           _save_images(workdir, step, to_host(batch["image"]), rec)
       if eval_ds is not None and (step % config.eval_every == 0 or
                                   step == config.num_train_steps):
-        em = evaluate(eval_fn, state["params"], eval_ds, config, batch_sh,
-                         model.n_embed)
+        em = evaluate(run.eval_fn, state["params"], eval_ds, config,
+                      run.batch_sharding, run.model.n_embed)
         last.update(writer.write(step, em))
       stop = runtime.any_process(preempt.should_stop)
       if step % config.checkpoint_every == 0 or stop or (

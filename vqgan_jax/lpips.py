@@ -1,0 +1,358 @@
+"""LPIPS perceptual distance (VGG16 variant) for the VQGAN stage-1 loss.
+
+The metric of Zhang et al. (2018), "The Unreasonable Effectiveness of Deep
+Features as a Perceptual Metric", version 0.1, as used by Taming
+Transformers:
+
+  1. shift/scale the [-1, 1] input channel-wise (:data:`SHIFT`, :data:`SCALE`);
+  2. run the 13-conv VGG16 trunk and tap it after relu1_2, relu2_2, relu3_3,
+     relu4_3 and relu5_3;
+  3. unit-normalise each tap over channels, ``f / (||f||_2 + 1e-10)``;
+  4. squared difference of the two images' taps, a bias-free 1x1 conv to one
+     channel (the "lin" heads), spatial mean;
+  5. sum over the five taps -> one distance per image.
+
+Weights are not shipped here and nothing is downloaded. :func:`load_lpips`
+reads the torchvision VGG16 ImageNet weights (``vgg16-397923af.pth``) and the
+lin heads of the ``lpips`` package (``lpips/weights/v0.1/vgg.pth``);
+:func:`lpips_variables_from_reference` reads the ``loss.perceptual_loss.*``
+entries of a reference VQGAN checkpoint.
+
+The parameters are frozen. They live in the ordinary ``'params'`` collection
+so that ``model.apply(variables, x, y)`` works as usual, but a trainer must
+keep them out of its optimizer: pass them to the jitted step as a separate
+argument and call :func:`lpips_distance`, which wraps them in
+``jax.lax.stop_gradient`` (gradients still flow to the images).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqgan_jax import torch_io
+
+Array = jax.Array
+
+# Channel-wise input normalisation of LPIPS v0.1 (``lpips.ScalingLayer``).
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+
+# The VGG16 trunk as (index in torchvision's ``features``, name, channels),
+# grouped into the five blocks that end at the LPIPS taps. A 2x2 max-pool
+# precedes every block but the first.
+VGG16_BLOCKS: Tuple[Tuple[Tuple[int, str, int], ...], ...] = (
+    ((0, "conv1_1", 64), (2, "conv1_2", 64)),
+    ((5, "conv2_1", 128), (7, "conv2_2", 128)),
+    ((10, "conv3_1", 256), (12, "conv3_2", 256), (14, "conv3_3", 256)),
+    ((17, "conv4_1", 512), (19, "conv4_2", 512), (21, "conv4_3", 512)),
+    ((24, "conv5_1", 512), (26, "conv5_2", 512), (28, "conv5_3", 512)),
+)
+TAP_CHANNELS = (64, 128, 256, 512, 512)
+# First torchvision ``features`` index of each reference slice 2..5
+# (``net.slice{k}`` keeps the torchvision index of each layer it holds).
+_SLICE_STARTS = (0, 4, 9, 16, 23)
+
+_WEIGHTS_HELP = (
+    "LPIPS needs two weight files that are not part of this project: the "
+    "torchvision VGG16 ImageNet weights 'vgg16-397923af.pth' (from "
+    "https://download.pytorch.org/models/vgg16-397923af.pth, or "
+    "~/.cache/torch/hub/checkpoints/ after torchvision has downloaded them) "
+    "and the LPIPS v0.1 lin heads 'weights/v0.1/vgg.pth' shipped inside the "
+    "'lpips' pip package (e.g. site-packages/lpips/weights/v0.1/vgg.pth). "
+    "Alternatively train without the perceptual term: perceptual_weight=0.")
+
+
+def _normalize_channels(f: Array, eps: float = 1e-10) -> Array:
+  """Divides each feature vector (last axis) by its L2 norm plus ``eps``.
+
+  The square root is guarded so that an all-zero vector (common after a
+  ReLU) has a zero gradient rather than NaN; the value is unchanged.
+  """
+  sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+  positive = sq > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return f / (norm + eps)
+
+
+class LPIPS(nn.Module):
+  """LPIPS distance between two batches of images.
+
+  Attributes:
+    dtype: computation dtype of the VGG trunk; the taps, the lin heads and
+      the result are float32.
+    param_dtype: dtype of freshly initialised parameters.
+    precision: ``jax.lax.Precision`` of the trunk convolutions (``None``:
+      backend default).
+    dropout_rate: dropout on the squared differences before each lin head,
+      active only with ``deterministic=False``. The reference builds its lin
+      heads with ``Dropout(0.5)`` and, since Lightning puts the whole model in
+      train mode, trains with it active; the default here is deterministic.
+  """
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  dropout_rate: float = 0.5
+
+  def features(self, x: Array) -> Sequence[Array]:
+    """Returns the five float32 VGG16 taps of already-scaled NHWC images."""
+    h = x.astype(self.dtype)
+    taps = []
+    for b, block in enumerate(VGG16_BLOCKS):
+      if b > 0:
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      for _, name, ch in block:
+        h = nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                    param_dtype=self.param_dtype, precision=self.precision,
+                    name=name)(h)
+        h = nn.relu(h)
+      taps.append(h.astype(jnp.float32))
+    return taps
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array, deterministic: bool = True
+               ) -> Array:
+    """Computes the distance.
+
+    Args:
+      x: (B, H, W, 3) images in [-1, 1].
+      y: (B, H, W, 3) images in [-1, 1].
+      deterministic: skip the lin-head dropout (needs a ``'dropout'`` rng
+        when False).
+
+    Returns:
+      float32 (B,) LPIPS distances.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    shift = jnp.asarray(SHIFT, jnp.float32)
+    scale = jnp.asarray(SCALE, jnp.float32)
+    both = (jnp.concatenate([x, y], axis=0) - shift) / scale
+    taps = self.features(both)
+    n = x.shape[0]
+    total = jnp.zeros((n,), jnp.float32)
+    for k, f in enumerate(taps):
+      f = _normalize_channels(f)
+      diff = jnp.square(f[:n] - f[n:])
+      diff = nn.Dropout(self.dropout_rate)(diff, deterministic=deterministic)
+      head = nn.Conv(1, (1, 1), use_bias=False, dtype=jnp.float32,
+                     param_dtype=self.param_dtype,
+                     precision=jax.lax.Precision.HIGHEST, name=f"lin{k}")
+      total = total + jnp.mean(head(diff), axis=(1, 2, 3))
+    return total
+
+
+def lpips_distance(model: LPIPS, variables: Mapping[str, Any], x: Array,
+                   y: Array, dropout_rng: Optional[Array] = None) -> Array:
+  """LPIPS with frozen weights: gradients reach ``x`` and ``y`` only.
+
+  Args:
+    model: the :class:`LPIPS` module.
+    variables: its variables (``{'params': ...}``).
+    x: (B, H, W, 3) images in [-1, 1].
+    y: (B, H, W, 3) images in [-1, 1].
+    dropout_rng: when given, the lin-head dropout of the reference's
+      training mode is applied with this key.
+
+  Returns:
+    float32 (B,) distances.
+  """
+  variables = jax.lax.stop_gradient(variables)
+  if dropout_rng is None:
+    return model.apply(variables, x, y)
+  return model.apply(variables, x, y, deterministic=False,
+                     rngs={"dropout": dropout_rng})
+
+
+# ----------------------------------------------------------------------------
+# Weight conversion.
+
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight (O, I, kh, kw) -> Flax kernel (kh, kw, I, O)."""
+  return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def _expected_shapes(keys: Mapping[str, str]) -> Dict[str, Tuple[int, ...]]:
+  """Torch-layout shape of every key of a ``{key: 'module/param'}`` map."""
+  convs, cin = {}, 3
+  for block in VGG16_BLOCKS:
+    for _, name, ch in block:
+      convs[name] = (ch, cin)
+      cin = ch
+  shapes = {}
+  for key, role in keys.items():
+    name, kind = role.split("/")
+    if name.startswith("lin"):
+      shapes[key] = (1, TAP_CHANNELS[int(name[3:])], 1, 1)
+    elif kind == "kernel":
+      shapes[key] = (*convs[name], 3, 3)
+    else:
+      shapes[key] = (convs[name][0],)
+  return shapes
+
+
+def _check_keys(given: Mapping[str, np.ndarray],
+                expected: Mapping[str, Tuple[int, ...]], what: str,
+                ignore_prefixes: Sequence[str] = ()) -> None:
+  """Raises a ValueError naming missing/unexpected keys and bad shapes."""
+  present = {k for k in given if not any(k.startswith(p)
+                                         for p in ignore_prefixes)}
+  missing = sorted(set(expected) - present)
+  unexpected = sorted(present - set(expected))
+  bad = [f"{k}: expected {tuple(expected[k])}, got {tuple(given[k].shape)}"
+         for k in sorted(set(expected) & present)
+         if tuple(given[k].shape) != tuple(expected[k])]
+  problems = []
+  if missing:
+    problems.append(f"missing keys: {missing}")
+  if unexpected:
+    problems.append(f"unexpected keys: {unexpected}")
+  if bad:
+    problems.append("shape mismatches: " + "; ".join(bad))
+  if problems:
+    raise ValueError(f"{what} does not match the LPIPS VGG16 layout: " +
+                     " | ".join(problems))
+
+
+def _build_params(arrays: Mapping[str, np.ndarray],
+                  vgg_keys: Mapping[str, str], lin_keys: Mapping[str, str],
+                  dtype: Any) -> Dict[str, Any]:
+  params: Dict[str, Dict[str, np.ndarray]] = {}
+  for key, role in {**vgg_keys, **lin_keys}.items():
+    name, kind = role.split("/")
+    value = np.asarray(arrays[key], np.float32)
+    if kind == "kernel":
+      value = _conv_kernel(value)
+    params.setdefault(name, {})[kind] = jnp.asarray(value, dtype)
+  return {"params": params}
+
+
+def _torchvision_keys(prefix: str = "features.") -> Dict[str, str]:
+  keys = {}
+  for block in VGG16_BLOCKS:
+    for idx, name, _ in block:
+      keys[f"{prefix}{idx}.weight"] = f"{name}/kernel"
+      keys[f"{prefix}{idx}.bias"] = f"{name}/bias"
+  return keys
+
+
+def _reference_trunk_keys(prefix: str) -> Dict[str, str]:
+  keys = {}
+  for block in VGG16_BLOCKS:
+    for idx, name, _ in block:
+      s = sum(idx >= start for start in _SLICE_STARTS)
+      keys[f"{prefix}net.slice{s}.{idx}.weight"] = f"{name}/kernel"
+      keys[f"{prefix}net.slice{s}.{idx}.bias"] = f"{name}/bias"
+  return keys
+
+
+def _lin_keys(prefix: str = "") -> Dict[str, str]:
+  return {f"{prefix}lin{k}.model.1.weight": f"lin{k}/kernel"
+          for k in range(len(TAP_CHANNELS))}
+
+
+def lpips_variables(vgg_state_dict: Mapping[str, np.ndarray],
+                    lin_state_dict: Mapping[str, np.ndarray],
+                    dtype: Any = jnp.float32) -> Dict[str, Any]:
+  """Builds LPIPS variables from a torchvision VGG16 and lpips lin weights.
+
+  Args:
+    vgg_state_dict: torchvision VGG16 state dict (``features.N.weight|bias``;
+      ``classifier.*`` entries are ignored).
+    lin_state_dict: lpips v0.1 ``vgg.pth`` (``linK.model.1.weight``).
+    dtype: dtype of the returned parameters.
+
+  Returns:
+    ``{'params': ...}`` for :class:`LPIPS`.
+
+  Raises:
+    ValueError: missing or unexpected keys, or a shape mismatch.
+  """
+  vgg_keys, lin_keys = _torchvision_keys(), _lin_keys()
+  _check_keys(vgg_state_dict, _expected_shapes(vgg_keys),
+              "VGG16 state dict", ignore_prefixes=("classifier.",))
+  _check_keys(lin_state_dict, _expected_shapes(lin_keys),
+              "LPIPS lin state dict")
+  merged = {**vgg_state_dict, **lin_state_dict}
+  return _build_params(merged, vgg_keys, lin_keys, dtype)
+
+
+def lpips_variables_from_reference(state_dict: Mapping[str, np.ndarray],
+                                   prefix: str = "loss.perceptual_loss.",
+                                   dtype: Any = jnp.float32
+                                   ) -> Dict[str, Any]:
+  """Builds LPIPS variables from the perceptual-loss part of a reference ckpt.
+
+  The reference stores the trunk as ``net.slice{1..5}.{N}.weight|bias`` (N
+  the torchvision ``features`` index) and the heads as
+  ``lin{0..4}.model.1.weight``; its ``scaling_layer.shift|scale`` buffers are
+  checked against :data:`SHIFT` / :data:`SCALE`. Keys outside ``prefix`` are
+  ignored, so a whole VQGAN checkpoint state dict can be passed.
+
+  Args:
+    state_dict: flat ``{name: array}`` (e.g. from
+      :func:`vqgan_jax.torch_io.load_state_dict`).
+    prefix: prefix of the LPIPS entries.
+    dtype: dtype of the returned parameters.
+
+  Returns:
+    ``{'params': ...}`` for :class:`LPIPS`.
+
+  Raises:
+    ValueError: missing or unexpected keys, a shape mismatch, or scaling
+      constants that differ from LPIPS v0.1.
+  """
+  sub = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  vgg_keys, lin_keys = _reference_trunk_keys(prefix), _lin_keys(prefix)
+  expected = _expected_shapes({**vgg_keys, **lin_keys})
+  buffers = {f"{prefix}scaling_layer.shift": SHIFT,
+             f"{prefix}scaling_layer.scale": SCALE}
+  for key, want in buffers.items():
+    if key in sub:
+      got = np.asarray(sub[key], np.float64).reshape(-1)
+      if got.shape != (3,) or not np.allclose(got, want, atol=1e-6):
+        raise ValueError(f"{key} is {got.tolist()}, LPIPS v0.1 uses "
+                         f"{list(want)}")
+  _check_keys({k: v for k, v in sub.items() if k not in buffers}, expected,
+              f"state dict under prefix {prefix!r}")
+  return _build_params(sub, vgg_keys, lin_keys, dtype)
+
+
+def _read(path: str | os.PathLike, what: str) -> Dict[str, np.ndarray]:
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found at {path!r}. {_WEIGHTS_HELP}")
+  return torch_io.load_state_dict(path)
+
+
+def load_lpips(vgg_path: str | os.PathLike, lin_path: str | os.PathLike, *,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               precision: Optional[Any] = None
+               ) -> Tuple[LPIPS, Dict[str, Any]]:
+  """Loads LPIPS-VGG from a torchvision VGG16 file and the lpips lin heads.
+
+  Args:
+    vgg_path: torchvision VGG16 state dict, e.g. ``vgg16-397923af.pth``.
+    lin_path: the lpips package's ``weights/v0.1/vgg.pth``.
+    dtype: computation dtype of the VGG trunk (distances are float32).
+    param_dtype: dtype of the returned parameters.
+    precision: convolution precision of the trunk.
+
+  Returns:
+    ``(model, variables)``; ``model.apply(variables, x, y)`` gives (B,)
+    float32 distances for NHWC images in [-1, 1].
+
+  Raises:
+    FileNotFoundError: a weight file is missing (the message says where the
+      files come from).
+    ValueError: a file does not hold the expected keys/shapes.
+  """
+  vgg = _read(vgg_path, "VGG16 weights file")
+  lin = _read(lin_path, "LPIPS lin weights file")
+  model = LPIPS(dtype=dtype, param_dtype=param_dtype, precision=precision)
+  return model, lpips_variables(vgg, lin, dtype=param_dtype)
