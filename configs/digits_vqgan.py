@@ -18,16 +18,16 @@ def get_config(arg: str = ""):
   c.model.update(dict(
       ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
       resolution=16, z_channels=32, n_embed=64, embed_dim=32, legacy_loss=False))
-  c.loss.update(dict(disc_start=1000, disc_weight=0.1, perceptual_weight=0.0))
+  c.loss.update(dict(disc_start=800, disc_weight=0.1, perceptual_weight=0.0))
   c.disc.update(dict(n_layers=2, ndf=32))
   c.optim.update(dict(lr_scaling="none", learning_rate=2e-3, b1=0.5, b2=0.9))
   c.batch_size = 32
-  c.num_train_steps = 1500
+  c.num_train_steps = 1200
   c.log_every = 50
-  c.eval_every = 500
+  c.eval_every = 400
   c.eval_batches = 0  # the whole validation split (180 digits)
-  c.image_every = 500
-  c.checkpoint_every = 500
+  c.image_every = 400
+  c.checkpoint_every = 400
   if arg == "test":
     c.model.update(dict(n_embed=32, embed_dim=16))
     c.disc.update(dict(n_layers=1, ndf=16))

@@ -31,6 +31,7 @@ from vqgan_jax import modules
 from vqgan_jax import quantizers
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.training import checkpoints
+from vqgan_jax.training import digest
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import sharding as shard_lib
@@ -509,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       if stop:
         logging.warning("stopping at step %d after a signal", step)
         break
+    digest.write_replica_digest(workdir, state["params"])
   finally:
     ckpt.close()
     writer.close()

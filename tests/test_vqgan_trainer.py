@@ -1,0 +1,259 @@
+"""Stage-1 trainer: the step's gradients, sharding, resume, multi-process, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import train_utils as tu
+from vqgan_jax import discriminator as disc_lib
+from vqgan_jax import losses
+from vqgan_jax import modules
+from vqgan_jax.training import sharding
+from vqgan_jax.training import vqgan_trainer as vt
+
+
+def tiny_config(**loss):
+  c = tu.load_config("digits_vqgan", "test")
+  c.loss.update(dict(disc_start=0, disc_weight=0.8, codebook_weight=1.0, **loss))
+  return c
+
+
+def _batch(c, seed=0):
+  rng = np.random.default_rng(seed)
+  r = c.model.resolution
+  return {"image": jnp.asarray(rng.uniform(-1, 1, (c.batch_size, r, r, 3)).astype(np.float32))}
+
+
+@pytest.mark.parametrize("disc_start,disc_loss", [(0, "hinge"), (5, "vanilla")])
+def test_step_gradients_equal_the_pure_reference_loss(disc_start, disc_loss):
+  """With SGD(lr=1) the step's update is minus the gradient; it must equal
+  jax.grad of losses.vqgan_generator_loss / vqgan_discriminator_loss (the
+  functions tested against VQLPIPSWithDiscriminator), for G and D."""
+  c = tiny_config(disc_loss=disc_loss)
+  c.loss.disc_start = disc_start
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  run = vt.create(c, mesh, tx=(optax.sgd(1.0), optax.sgd(1.0)))
+  state = run.init_fn(jax.random.PRNGKey(0))
+  state = jax.tree.map(lambda x: x, state)
+  before = jax.device_get(state)
+  batch = _batch(c)
+  new, m = run.step_fn(state, batch, run.lpips_vars)
+  new = jax.device_get(new)
+  model, disc = run.model, run.disc
+  x = batch["image"]
+  step = before["step"]
+
+  def g_loss(params):
+    z_q, aux = model.apply({"params": params}, x, train=True, method=model.encode)
+    h = model.apply({"params": params}, z_q, train=True, method=model.decode_features)
+    bias = params["decoder"]["conv_out"]["bias"]
+    rec_fn = lambda k: modules.conv2d(h, k, bias).astype(jnp.float32)
+    disc_fn = lambda r: disc.apply({"params": before["disc_params"], **before["disc_state"]},
+                                   r, train=True, mutable=["batch_stats"])
+    loss, (metrics, upd) = losses.vqgan_generator_loss(
+        x, rec_fn, params["decoder"]["conv_out"]["kernel"], aux["q_loss"], step,
+        disc_fn, None, codebook_weight=1.0, perceptual_weight=0.0,
+        disc_weight=0.8, disc_factor=1.0, disc_start=disc_start, disc_has_aux=True)
+    return loss, (metrics, upd, rec_fn(params["decoder"]["conv_out"]["kernel"]))
+
+  (loss, (metrics, upd, rec)), grads = jax.value_and_grad(g_loss, has_aux=True)(before["params"])
+  np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(m["d_weight"], metrics["d_weight"], rtol=1e-4)
+  want = jax.tree.map(lambda p, g: p - g, before["params"], grads)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new["params"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+  def d_loss(dp):
+    lr_, lf_, stats = disc_lib.discriminator_logits(
+        disc, {"params": dp, **upd}, x, jax.lax.stop_gradient(rec))
+    l, _ = losses.vqgan_discriminator_loss(lr_, lf_, step, disc_start=disc_start,
+                                           disc_loss=disc_loss)
+    return l, stats
+
+  (dl, stats), dgrads = jax.value_and_grad(d_loss, has_aux=True)(before["disc_params"])
+  np.testing.assert_allclose(m["disc_loss"], dl, rtol=1e-5, atol=1e-7)
+  want_d = jax.tree.map(lambda p, g: p - g, before["disc_params"], dgrads)
+  for a, b in zip(jax.tree.leaves(new["disc_params"]), jax.tree.leaves(want_d)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(new["disc_state"]), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  if disc_start > 0:  # before disc_start the discriminator does not learn
+    for a, b in zip(jax.tree.leaves(new["disc_params"]), jax.tree.leaves(before["disc_params"])):
+      np.testing.assert_array_equal(a, b)
+
+
+SHARDED = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+import train_utils as tu
+from vqgan_jax.training import sharding, vqgan_trainer as vt
+sharding.MIN_FSDP_SIZE = 0  # shard even the tiny test model
+c = tu.load_config("digits_vqgan", "test")
+c.loss.disc_start = 1
+rng = np.random.default_rng(0)
+batches = [{"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)} for _ in range(3)]
+out = {}
+for name, spec, devs in [("one", {"data": 1}, jax.devices()[:1]),
+                         ("mesh", {"data": 4, "fsdp": 2}, jax.devices())]:
+  mesh = sharding.make_mesh(spec, devs)
+  # SGD: Adam's normalisation would magnify round-off in near-zero gradients.
+  run = vt.create(c, mesh, tx=(optax.sgd(0.05), optax.sgd(0.05)))
+  state = run.init_fn(jax.random.PRNGKey(0))
+  if name == "mesh":
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+    assert any("fsdp" in s for s in specs), specs
+    adam = vt.create(c, mesh).init_fn(jax.random.PRNGKey(0))["opt_state"]
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(adam))
+  losses = []
+  for b in batches:
+    b = {"image": jax.device_put(b["image"], run.batch_sharding)}
+    state, m = run.step_fn(state, b, run.lpips_vars)
+    losses.append([float(m["loss"]), float(m["disc_loss"]), float(m["d_weight"])])
+  out[name] = (losses, [np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])])
+print(json.dumps({"losses": [out["one"][0], out["mesh"][0]],
+                  "maxdiff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                 for a, b in zip(out["one"][1], out["mesh"][1]))}))
+"""
+
+
+def test_sharded_step_equals_single_device():
+  r = tu.run_python(SHARDED, devices=8)
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  one, mesh = res["losses"]
+  np.testing.assert_allclose(mesh, one, rtol=2e-5, atol=1e-6)
+  assert res["maxdiff"] < 1e-5, res["maxdiff"]
+
+
+def _train_cmd(workdir, *overrides):
+  return ["train_vqgan.py", "--config=configs/digits_vqgan.py:test",
+          f"--workdir={workdir}", *overrides]
+
+
+KEYS = ("loss", "rec_loss", "q_loss", "disc_loss", "d_weight", "g_loss", "codebook_usage")
+
+
+@pytest.mark.slow
+def test_sigkill_then_same_command_resumes_with_identical_losses(tmp_path):
+  opts = ["--config.num_train_steps=12", "--config.checkpoint_every=4",
+          "--config.log_every=1", "--config.eval_every=0", "--config.image_every=0"]
+  full = tmp_path / "full"
+  tu.run_python(_train_cmd(full, *opts))
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable] + _train_cmd(killed, *opts), cwd=tu.ROOT,
+                          env=tu.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (killed / "checkpoints" / "4").is_dir():
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert (killed / "checkpoints" / "4").is_dir(), "the run never saved step 4"
+  done = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
+  assert done and max(done) < 12, f"the run finished before the kill: {done}"
+  tu.run_python(_train_cmd(killed, *opts))
+  a = {r["step"]: r for r in tu.rows(full) if "loss" in r}
+  b = {r["step"]: r for r in tu.rows(killed) if "loss" in r}
+  assert sorted(a) == sorted(b) == list(range(1, 13))
+  for s in range(1, 13):
+    for k in KEYS:
+      assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  wd = tmp_path / "wd"
+  opts = ["--config.num_train_steps=100000", "--config.checkpoint_every=100000",
+          "--config.log_every=1", "--config.eval_every=0", "--config.image_every=0"]
+  proc = subprocess.Popen([sys.executable] + _train_cmd(wd, *opts), cwd=tu.ROOT,
+                          env=tu.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (wd / "metrics.jsonl").exists():
+    time.sleep(0.2)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  steps = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()]
+  assert steps and max(steps) >= max(r["step"] for r in tu.rows(wd))
+
+
+TWO_PROC = r"""
+import sys
+sys.argv = ["train_vqgan.py", "--config=configs/digits_vqgan.py:test", "--workdir=" + sys.argv[1],
+            "--coordinator_address=127.0.0.1:" + sys.argv[2], "--num_processes=2",
+            "--process_id=" + sys.argv[3], "--config.eval_every=0", "--config.image_every=0",
+            "--config.num_train_steps=4"]
+import runpy
+runpy.run_path("train_vqgan.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_with_identical_replicas(tmp_path):
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  wd = str(tmp_path / "wd")
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROC, wd, port, str(i)], cwd=tu.ROOT,
+                            env=tu.env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-4000:]
+  digests = [open(os.path.join(wd, f"replica_digest.{i}")).read() for i in range(2)]
+  assert digests[0] == digests[1]
+  rows = tu.rows(wd)
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  # Each process read its own half of the data.
+  assert rows[-1]["num_local_examples"] < rows[-1]["num_examples"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.ch", 48, "config.model.ch=48 is not divisible by 32"),
+    ("model.resolution", 17, "config.model.resolution=17 is not divisible by the downsampling factor 2"),
+    ("model.attn_resolutions", (4,), r"attn_resolutions contains \[4\], never reached"),
+    ("loss.disc_loss", "wgan", "config.loss.disc_loss='wgan'"),
+    ("optim.lr_scaling", "linear", "config.optim.lr_scaling='linear'"),
+])
+def test_bad_config_values_are_named(field, value, message):
+  c = tu.load_config("digits_vqgan", "test")
+  node, key = c, field.split(".")
+  for k in key[:-1]:
+    node = node[k]
+  node[key[-1]] = value
+  with pytest.raises(ValueError, match=message):
+    vt.validate_config(c)
+
+
+def test_batch_and_mesh_errors():
+  c = tu.load_config("digits_vqgan", "test")
+  with pytest.raises(ValueError, match="has 4 devices but 1 are available"):
+    sharding.make_mesh({"data": 2, "fsdp": 2})
+  c.batch_size = 7
+  mesh = sharding.make_mesh({"data": 1})
+  vt._check_batch(c, mesh)  # one device divides everything
+  with pytest.raises(ValueError, match="does not fit 1 devices"):
+    sharding.make_mesh({"data": -1, "fsdp": 2})
+
+
+def test_perceptual_weight_without_weights_says_how_to_fix():
+  c = tu.load_config("digits_vqgan", "test")
+  c.loss.perceptual_weight = 1.0
+  with pytest.raises(ValueError, match="lpips_vgg_path.*perceptual_weight=0"):
+    vt.load_perceptual(c, {})
+
+
+def test_cli_error_for_unknown_dataset_changes_nothing(tmp_path):
+  r = tu.run_python(_train_cmd(tmp_path / "wd", "--config.dataset=imagenet"), check=False)
+  assert r.returncode != 0
+  assert "unknown dataset 'imagenet'" in r.stderr

@@ -1,0 +1,25 @@
+"""Digests of the array data a process holds (to check replicas agree)."""
+import hashlib
+
+import jax
+import numpy as np
+
+
+def local_digest(tree) -> str:
+  """SHA-256 over every addressable shard of every leaf, in a fixed order."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    shards = sorted(leaf.addressable_shards, key=lambda s: str(s.index))
+    for shard in shards[:1] if leaf.is_fully_replicated else shards:
+      h.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+  return h.hexdigest()
+
+
+def write_replica_digest(workdir: str, tree) -> None:
+  """Writes ``workdir/replica_digest.<process>`` for multi-process checks."""
+  import os  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return
+  path = os.path.join(workdir, f"replica_digest.{jax.process_index()}")
+  with open(path, "w") as f:
+    f.write(local_digest(tree) + "\n")
