@@ -257,3 +257,92 @@ def test_cli_error_for_unknown_dataset_changes_nothing(tmp_path):
   r = tu.run_python(_train_cmd(tmp_path / "wd", "--config.dataset=imagenet"), check=False)
   assert r.returncode != 0
   assert "unknown dataset 'imagenet'" in r.stderr
+
+
+@pytest.mark.slow
+def test_init_from_converted_reference_and_actnorm(tmp_path):
+  """init_from starts from a converted reference checkpoint (generator and its
+  discriminator); with learning rate 0 the trained workdir holds exactly the
+  converted weights. ActNorm is initialised from data before the first step."""
+  import oracle
+  import reference_ckpt as rc
+  from vqgan_jax import convert
+  import vqgan_jax
+  torch = oracle.torch()
+  dd = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
+            dropout=0.0, in_channels=3, resolution=16, z_channels=32)
+  lossconfig = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                "params": {"disc_start": 0, "disc_num_layers": 1, "disc_ndf": 16,
+                           "perceptual_weight": 0.0}}
+  oracle.taming()
+  import taming.modules.losses.vqperceptual as vqp
+  orig = vqp.LPIPS
+  vqp.LPIPS = lambda: torch.nn.Identity()  # no VGG download; the term is off
+  try:
+    cfg = rc.vq_model_config(dd, 32, 16, lossconfig=lossconfig)
+    ref = rc.build_reference(cfg, seed=0)
+  finally:
+    vqp.LPIPS = orig
+  sd = {k: v for k, v in ref.state_dict().items() if "perceptual" not in k}
+  ckpt = rc.lightning_checkpoint(tmp_path / "m.ckpt", sd)
+  yml = rc.write_yaml(tmp_path / "m.yaml", cfg)
+  conv_dir = tmp_path / "converted"
+  assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(conv_dir)]) == 0
+
+  wd = tmp_path / "wd"
+  tu.run_python(_train_cmd(wd, f"--config.init_from={conv_dir}", "--config.disc.n_layers=1",
+                           "--config.disc.ndf=16", "--config.optim.learning_rate=0.0",
+                           "--config.num_train_steps=1", "--config.eval_every=0",
+                           "--config.image_every=0"))
+  _, trained = vqgan_jax.load_vqgan(str(wd), use_ema=False)
+  _, converted = vqgan_jax.load_vqgan(str(conv_dir))
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # A checkpoint of another architecture is refused with the differing fields.
+  r = tu.run_python(_train_cmd(tmp_path / "wd2", f"--config.init_from={conv_dir}",
+                               "--config.model.n_embed=64"), check=False)
+  assert r.returncode != 0 and "holds a different architecture" in r.stderr
+  assert "n_embed: checkpoint 32 vs config 64" in r.stderr
+  assert not (tmp_path / "wd2" / "checkpoints").exists() or not os.listdir(tmp_path / "wd2" / "checkpoints")
+
+  # ActNorm discriminator: initialised from data before step 1.
+  wd3 = tmp_path / "wd3"
+  tu.run_python(_train_cmd(wd3, "--config.disc.use_actnorm=True", "--config.num_train_steps=2",
+                           "--config.eval_every=0", "--config.image_every=0"))
+  assert all(np.isfinite(r["loss"]) for r in tu.rows(wd3) if "loss" in r)
+
+
+RESHARD = r"""
+import sys, jax, numpy as np
+import train_utils as tu
+from vqgan_jax.training import checkpoints, sharding, vqgan_trainer as vt
+sharding.MIN_FSDP_SIZE = 0
+c = tu.load_config("digits_vqgan", "test")
+wd = sys.argv[1]
+mesh8 = sharding.make_mesh({"data": 4, "fsdp": 2})
+run8 = vt.create(c, mesh8)
+state = run8.init_fn(jax.random.PRNGKey(0))
+x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), run8.batch_sharding)
+state, _ = run8.step_fn(state, {"image": x}, run8.lpips_vars)
+want = [np.asarray(a) for a in jax.tree.leaves(state)]
+ck = checkpoints.Checkpointer(wd)
+ck.save(1, state, {"step": 1}, force=True)
+ck.close()
+for spec, devs in [({"data": 1}, jax.devices()[:1]), ({"data": 2, "fsdp": 2}, jax.devices()[:4])]:
+  run = vt.create(c, sharding.make_mesh(spec, devs))
+  ck = checkpoints.Checkpointer(wd)
+  got, meta, step = ck.restore(checkpoints.abstract_with_shardings(run.abstract_state, run.state_shardings))
+  ck.close()
+  assert step == 1 and meta["step"] == 1
+  for a, b, s in zip(want, jax.tree.leaves(got), jax.tree.leaves(run.state_shardings)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+    assert b.sharding == s
+  got, _ = run.step_fn(got, {"image": jax.device_put(np.asarray(x), run.batch_sharding)}, run.lpips_vars)
+print("ok")
+"""
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  r = tu.run_python(["-c", RESHARD, str(tmp_path / "wd")], devices=8)
+  assert r.stdout.strip().endswith("ok")

@@ -322,14 +322,21 @@ def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:  # noqa
   info, variables = ckpt_lib.load_variables(path, "vqgan")
   want = vqgan_lib.model_config(model)
   have = dict(info["config"])
-  diff = {k: (have.get(k), v) for k, v in want.items()
-          if k not in ("dtype", "param_dtype", "dropout")
-          and have.get(k) != v}
-  if diff:
+  arch = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+          "in_channels", "resolution", "z_channels", "n_embed", "embed_dim",
+          "quantizer")
+  diff = {k: (have.get(k), want[k]) for k in arch if have.get(k) != want[k]}
+  shapes_ok = jax.tree.structure(variables["params"]) == jax.tree.structure(
+      state["params"]) and all(
+          np.shape(a) == np.shape(b) for a, b in zip(
+              jax.tree.leaves(variables["params"]),
+              jax.tree.leaves(state["params"])))
+  if diff or not shapes_ok:
     raise ValueError(
         f"config.init_from={path} holds a different architecture: " +
-        ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
-                  for k, (a, b) in sorted(diff.items())) +
+        (", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
+                   for k, (a, b) in sorted(diff.items())) or
+         "parameter shapes differ") +
         "; set config.model to the checkpoint's values")
   params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                         variables["params"], state["params"])
@@ -347,6 +354,28 @@ def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:  # noqa
       logging.warning("init_from: discriminator architecture differs from "
                       "config.disc; starting the discriminator from scratch")
   return state
+
+
+def _disc_initialized(state) -> bool:
+  flags = [v for p, v in jax.tree_util.tree_leaves_with_path(state["disc_state"])
+           if "initialized" in jax.tree_util.keystr(p)]
+  return bool(flags) and all(int(jax.device_get(f)) for f in flags)
+
+
+def _init_actnorm(run, state, train_ds, config):
+  """Data-dependent ActNorm init on the first batch's reconstructions (the
+  discriminator's first input in the reference, whose ActNorm initialises
+  on its first training call)."""
+  from vqgan_jax.data import make_global_batch  # pylint: disable=g-import-not-at-top
+  it = train_ds.train_iterator(config.batch_size, seed=config.seed)
+  x = make_global_batch({"image": next(it)["image"]}, run.batch_sharding)
+  it.close()
+  rec = run.eval_fn(state["params"], x["image"])[0]
+  variables = disc_lib.initialize_actnorm(
+      run.disc, {"params": state["disc_params"], **state["disc_state"]}, rec)
+  variables = dict(variables)
+  new = dict(state, disc_params=variables.pop("params"), disc_state=variables)
+  return jax.device_put(new, run.state_shardings)
 
 
 def _save_images(workdir, step, x, rec):
@@ -460,6 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if config.init_from:
       state = _load_init_from(config, run.model, state, {})
       state = jax.device_put(state, run.state_shardings)
+    if config.disc.use_actnorm and not _disc_initialized(state):
+      state = _init_actnorm(run, state, train_ds, config)
     start_step = 0
   if primary:
     ckpt_lib.write_model_json(workdir, "vqgan",
