@@ -173,8 +173,7 @@ def load_vqgan(path: str, *, dtype=None, use_ema: bool = True):
   """
   from vqgan_jax import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
   info, variables = load_variables(path, "vqgan", use_ema=use_ema)
-  overrides = {"dtype": dtype} if dtype is not None else {}
-  return vqgan_lib.from_config(info["config"], **overrides), variables
+  return vqgan_lib.from_config(info["config"], dtype=dtype), variables
 
 
 def load_extras(path: str) -> Dict[str, Any]:
@@ -189,9 +188,7 @@ def load_transformer(path: str, *, dtype=None, use_ema: bool = True):
   ``model.json`` of the directory records the conditioning (``info['conditioning']``)
   and where its VQGAN is; read it with :func:`read_model_json`.
   """
+  from vqgan_jax import config_io  # pylint: disable=g-import-not-at-top
   from vqgan_jax import gpt as gpt_lib  # pylint: disable=g-import-not-at-top
   info, variables = load_variables(path, "transformer", use_ema=use_ema)
-  cfg = dict(info["config"])
-  if dtype is not None:
-    cfg["dtype"] = dtype
-  return gpt_lib.from_config(cfg), variables
+  return config_io.from_config(gpt_lib.GPT, info["config"], dtype=dtype), variables

@@ -10,13 +10,13 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax import config_io
 from vqgan_jax import modules
 from vqgan_jax import quantizers
 
@@ -146,34 +146,12 @@ class VQGAN(nn.Module):
 
 def model_config(model: VQGAN) -> Dict[str, Any]:
   """The JSON-serialisable fields of a VQGAN (dtypes as names)."""
-  out = {}
-  for f in dataclasses.fields(model):
-    if f.name in ("parent", "name"):
-      continue
-    v = getattr(model, f.name)
-    if f.name in ("dtype", "param_dtype"):
-      v = jnp.dtype(v).name
-    elif isinstance(v, tuple):
-      v = list(v)
-    out[f.name] = v
-  return out
+  return config_io.to_config(model)
 
 
 def from_config(config: Dict[str, Any], **overrides) -> VQGAN:
   """Builds a VQGAN from :func:`model_config`'s output."""
-  cfg = dict(config)
-  cfg.update(overrides)
-  known = {f.name for f in dataclasses.fields(VQGAN)} - {"parent", "name"}
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise ValueError(f"unknown VQGAN config fields {unknown}; known: {sorted(known)}")
-  for k in ("ch_mult", "attn_resolutions"):
-    if k in cfg:
-      cfg[k] = tuple(cfg[k])
-  for k in ("dtype", "param_dtype"):
-    if isinstance(cfg.get(k), str):
-      cfg[k] = jnp.dtype(cfg[k])
-  return VQGAN(**cfg)
+  return config_io.from_config(VQGAN, config, **overrides)
 
 
 def init_variables(model: VQGAN, rng, image_shape: Optional[Tuple[int, ...]] = None):

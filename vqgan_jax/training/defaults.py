@@ -51,3 +51,54 @@ def vqgan_config() -> ml_collections.ConfigDict:
   c.init_from = ""
   c.max_bad_steps = 20
   return c
+
+
+def transformer_config() -> ml_collections.ConfigDict:
+  """Stage-2 defaults: the reference's class-conditional ImageNet GPT."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "tfds:imagenet2012"
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.eval_split = "validation"
+  # The frozen first stage: a stage-1 workdir or a converted checkpoint dir.
+  c.vqgan_workdir = ""
+  # Where the dataset's codes are cached ('' = <vqgan_workdir>/codes).
+  c.codes_dir = ""
+  c.conditioning = ml_collections.ConfigDict(dict(
+      kind="class",          # 'sos' | 'class' | 'codes' | 'coord'
+      sos_token=0,
+      num_classes=1000,
+      # 'codes': a second VQGAN encodes a transform of the image.
+      cond_vqgan_workdir="",
+      cond_transform="identity",   # 'identity' | 'grayscale' | 'downsample'
+      # classifier-free guidance: probability of the null class in training.
+      label_dropout=0.0,
+  ))
+  c.permuter = "identity"
+  c.pkeep = 1.0
+  c.gpt = ml_collections.ConfigDict(dict(
+      n_layer=48, n_head=24, n_embd=1536, block_size=0,  # 0: fit the sequence
+      embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0,
+      dtype="float32", param_dtype="float32", remat=False, scan_layers=False,
+      attention_impl=None))
+  c.gpt.attention_impl = ml_collections.FieldReference(None, field_type=str)
+  c.optim = ml_collections.ConfigDict(dict(
+      lr_scaling="reference", base_learning_rate=4.5e-6, learning_rate=3e-4,
+      b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=0.0,
+      schedule="constant",  # or 'cosine' (with warmup_steps)
+      warmup_steps=0, grad_accum_steps=1))
+  c.batch_size = 16
+  c.num_train_steps = 1_000_000
+  c.seed = 0
+  c.log_every = 50
+  c.eval_every = 5000
+  c.eval_batches = 16
+  c.sample_every = 5000
+  c.samples_per_class = 2
+  c.sample_top_k = 0  # 0: no top-k in the periodic samples
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 3
+  c.mesh = mesh_config()
+  c.partition_rules = ((".*", "fsdp"),)
+  c.peak_tflops_per_device = 0.0  # 0: from the device kind when known
+  c.max_bad_steps = 20
+  return c

@@ -1,0 +1,167 @@
+"""Sampling images from a trained (or converted) stage-2 model.
+
+``sample.py`` parses flags and calls :func:`sample_images`. The transformer
+directory's ``model.json`` says how it is conditioned and where its VQGAN
+is; tokens are sampled with :func:`vqgan_jax.sampling.sample` (or the
+sliding window for grids larger than the training grid), put back in raster
+order and decoded by the VQGAN.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqgan_jax import checkpoint as ckpt_lib
+from vqgan_jax import conditioning as cond_lib
+from vqgan_jax import sampling
+from vqgan_jax.training import metrics as metrics_lib
+
+
+def _resolve(base: str, path: Optional[str]) -> Optional[str]:
+  if not path:
+    return None
+  return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def load_pipeline(workdir: str):
+  """``(info, gpt, gpt_vars, vqgan, vqgan_vars)`` of a transformer directory."""
+  workdir = os.path.abspath(workdir)
+  info = ckpt_lib.read_model_json(workdir, "transformer")
+  model, variables = ckpt_lib.load_transformer(workdir)
+  vq_dir = _resolve(workdir, info.get("vqgan")) or os.path.join(workdir, "vqgan")
+  vq_model, vq_vars = ckpt_lib.load_vqgan(vq_dir)
+  return info, model, variables, vq_model, vq_vars
+
+
+def _prefixes(info, classes, num_samples, cond_codes) -> tuple:
+  c = info["conditioning"]
+  kind = c["kind"]
+  if kind == "class":
+    n = c.get("num_classes")
+    classes = list(range(n)) if classes is None else list(classes)
+    bad = [k for k in classes if not 0 <= k < n]
+    if bad:
+      raise ValueError(f"--classes {bad} out of range: the model has {n} "
+                       f"classes (0..{n - 1})")
+    labels = np.repeat(np.asarray(classes, np.int32), num_samples)
+    return labels[:, None], labels
+  if classes:
+    raise ValueError(f"--classes given, but the model is conditioned on "
+                     f"{kind!r}, not on classes")
+  if kind == "sos":
+    return np.full((num_samples, 1), c.get("sos_token", 0), np.int32), None
+  if cond_codes is None:
+    raise ValueError(f"a {kind!r}-conditioned model needs conditioning "
+                     "(--cond_images for 'codes')")
+  return np.repeat(cond_codes, num_samples, axis=0), None
+
+
+def encode_condition_images(info, folder: str, workdir: str) -> np.ndarray:
+  """Codes of the conditioning images (for 'codes' models)."""
+  from vqgan_jax import reconstruct  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.data import images as image_lib  # pylint: disable=g-import-not-at-top
+  c = info["conditioning"]
+  c_dir = _resolve(workdir, c.get("cond_vqgan")) or os.path.join(
+      workdir, "cond_vqgan")
+  model, variables = ckpt_lib.load_vqgan(c_dir)
+  paths = reconstruct.find_images(folder)
+  x = np.stack([image_lib.preprocess(
+      image_lib.open_image(os.path.join(folder, p)), model.resolution,
+      model.in_channels)[0] for p in paths])
+  from vqgan_jax.training.transformer_trainer import _cond_images  # pylint: disable=g-import-not-at-top
+  x = _cond_images(x, c.get("cond_transform", "identity"))
+  codes = model.apply(variables, jnp.asarray(x), method=model.encode_to_indices)
+  return np.asarray(codes).reshape(len(paths), -1)
+
+
+def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]] = None,
+                  num_samples: int = 8, batch_size: int = 32, seed: int = 0,
+                  temperature: float = 1.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None,
+                  guidance_scale: Optional[float] = None,
+                  grid: Optional[Sequence[int]] = None,
+                  cond_images: Optional[str] = None, save_npz: bool = False,
+                  progress: bool = True) -> Dict[str, object]:
+  """Samples, decodes and writes PNGs; returns a summary dict."""
+  info, model, variables, vq_model, vq_vars = load_pipeline(workdir)
+  h, w = info["image_grid"]
+  perm = cond_lib.permutation(info.get("permuter", "identity"), h, w)
+  cond_codes = None
+  if cond_images:
+    cond_codes = encode_condition_images(info, cond_images, os.path.abspath(workdir))
+  prefix, labels = _prefixes(info, classes, num_samples, cond_codes)
+  null = None
+  if guidance_scale is not None:
+    null_token = info["conditioning"].get("null_token")
+    if null_token is None:
+      raise ValueError("--guidance_scale needs a model trained with label "
+                       "dropout (config.conditioning.label_dropout > 0)")
+    null = np.full((1, 1), null_token, np.int32)
+  big = grid is not None and tuple(grid) != (h, w)
+  if big and guidance_scale is not None:
+    raise ValueError("guidance with the sliding window is not supported")
+  total = len(prefix)
+  rng = jax.random.PRNGKey(seed)
+  tokens: List[np.ndarray] = []
+  images: List[np.ndarray] = []
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total, unit="img")
+  t0, timed_imgs, t_first = None, 0, time.perf_counter()
+  decode = jax.jit(lambda v, t: vq_model.apply(v, t, method=vq_model.decode_indices))
+  for start in range(0, total, batch_size):
+    p = prefix[start:start + batch_size]
+    n = len(p)
+    if n < batch_size and total > batch_size:  # keep one compiled shape
+      p = np.concatenate([p, np.repeat(p[-1:], batch_size - n, 0)])
+    rng, key = jax.random.split(rng)
+    if big:
+      toks = sampling.sample_sliding_window(
+          model, variables, jnp.asarray(p), tuple(grid), (h, w), key,
+          temperature=temperature, top_k=top_k, top_p=top_p)
+      gh, gw = grid
+      toks = np.asarray(toks)
+    else:
+      toks = sampling.sample(model, variables, jnp.asarray(p), h * w, key,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             guidance_scale=guidance_scale, null_prefix=null)
+      toks = cond_lib.permute(np.asarray(toks), perm, inverse=True)
+      gh, gw = h, w
+      toks = toks.reshape(-1, gh, gw)
+    img = np.asarray(decode(vq_vars, jnp.asarray(toks)))
+    tokens.append(toks[:n])
+    images.append(img[:n])
+    if t0 is None:
+      t0 = time.perf_counter()  # after the first (compiling) batch
+    else:
+      timed_imgs += n
+    if bar is not None:
+      bar.update(n)
+  if bar is not None:
+    bar.close()
+  tokens_all = np.concatenate(tokens)
+  images_all = np.concatenate(images)
+  elapsed = time.perf_counter() - t0 if t0 else 0.0
+  rate = timed_imgs / elapsed if timed_imgs and elapsed > 0 else (
+      total / (time.perf_counter() - t_first))
+  os.makedirs(outdir, exist_ok=True)
+  ncol = num_samples if labels is not None else int(np.ceil(np.sqrt(total)))
+  grid_path = os.path.join(outdir, "grid.png")
+  metrics_lib.save_png(grid_path, metrics_lib.image_grid(images_all, ncol=ncol))
+  for i, img in enumerate(images_all):
+    name = (f"{labels[i]}_{i % num_samples:04d}.png" if labels is not None
+            else f"{i:04d}.png")
+    metrics_lib.save_png(os.path.join(outdir, name),
+                         metrics_lib.image_grid(img[None], pad=0))
+  if save_npz:
+    pix = np.round((np.clip(images_all, -1, 1) + 1) * 127.5).astype(np.uint8)
+    np.savez(os.path.join(outdir, "samples.npz"), images=pix, tokens=tokens_all,
+             labels=labels if labels is not None else np.zeros(0))
+  return {"images": total, "grid": grid_path, "img_per_sec": rate,
+          "tokens": tokens_all, "labels": labels}
