@@ -99,3 +99,27 @@ def to_nchw(x):
 
 def to_nhwc(t):
   return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+def net2net_config(first_stage_cfg, gpt_params, cond_stage_config, **extra):
+  params = {
+      "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT",
+                             "params": gpt_params},
+      "first_stage_config": first_stage_cfg,
+      "cond_stage_config": cond_stage_config,
+  }
+  params.update(extra)
+  return {"target": "taming.models.cond_transformer.Net2NetTransformer",
+          "params": params}
+
+
+def build_net2net(model_cfg, seed=0):
+  """A reference Net2NetTransformer with random weights (and a non-zero pos_emb)."""
+  torch = oracle.torch()
+  oracle.taming()
+  from taming.models.cond_transformer import Net2NetTransformer
+  torch.manual_seed(seed)
+  model = Net2NetTransformer(**model_cfg["params"]).eval()
+  with torch.no_grad():
+    model.transformer.pos_emb.normal_(0, 0.02)
+  return model

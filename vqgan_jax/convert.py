@@ -295,6 +295,129 @@ def load_taming_vqgan(checkpoint_path, config_path, *, dtype=jnp.float32,
 
 
 # ----------------------------------------------------------------------------
+# Net2NetTransformer
+
+PERMUTER_TARGETS = {
+    "taming.modules.transformer.permuter.Identity": "identity",
+    "taming.modules.transformer.permuter.ZCurve": "zcurve",
+}
+
+
+def _transformer_params(cfg, config_path) -> Dict[str, Any]:
+  model_cfg = cfg["model"]
+  if model_cfg["target"] != TRANSFORMER_TARGET:
+    raise ConversionError(
+        f"{config_path}: model.target is {model_cfg['target']!r}, not "
+        f"{TRANSFORMER_TARGET} (use load_taming_vqgan for first stages)")
+  params = model_cfg.get("params", {})
+  if "transformer_config" not in params:
+    raise ConversionError(f"{config_path}: model.params lacks transformer_config")
+  return params
+
+
+def transformer_conditioning(params: Mapping[str, Any]) -> Dict[str, Any]:
+  """The conditioning of a reference Net2NetTransformer, in our terms."""
+  cond = params.get("cond_stage_config")
+  sos = int(params.get("sos_token", 0))
+  if params.get("unconditional") or cond == "__is_unconditional__":
+    return {"kind": "sos", "sos_token": sos, "cond_len": 1}
+  if cond == "__is_first_stage__":
+    return {"kind": "codes", "cond_vqgan": "vqgan", "cond_transform": "identity"}
+  if not isinstance(cond, Mapping):
+    raise ConversionError(f"unsupported cond_stage_config {cond!r}")
+  target = cond.get("target", "")
+  cp = cond.get("params", {}) or {}
+  if target.endswith("Labelator"):
+    return {"kind": "class", "num_classes": int(cp["n_classes"]),
+            "cond_len": 1, "null_token": None}
+  if target.endswith("SOSProvider"):
+    return {"kind": "sos", "sos_token": int(cp.get("sos_token", sos)),
+            "cond_len": 1}
+  if target.endswith("CoordStage"):
+    return {"kind": "coord", "n_embed": int(cp["n_embed"]),
+            "down_factor": int(cp["down_factor"])}
+  if target in VQ_TARGETS:
+    return {"kind": "codes", "cond_vqgan": "cond_vqgan",
+            "cond_transform": "identity"}
+  raise ConversionError(f"unsupported conditioning stage {target!r}")
+
+
+def load_taming_transformer(checkpoint_path, config_path, *, dtype=jnp.float32,
+                            state_dict=None):
+  """Loads the GPT of a reference Net2NetTransformer as ``(model, variables)``.
+
+  Args:
+    checkpoint_path: the reference Lightning ``.ckpt`` (``transformer.*`` keys).
+    config_path: its YAML (``model.params.transformer_config``).
+    dtype: compute dtype (logits are float32 regardless).
+
+  Returns:
+    ``(vqgan_jax.GPT, {'params': ...})``.
+  """
+  from vqgan_jax import gpt as gpt_lib  # pylint: disable=g-import-not-at-top
+  cfg = read_reference_config(config_path)
+  params = _transformer_params(cfg, config_path)
+  try:
+    gpt_cfg = gpt_lib.config_from_reference(params["transformer_config"])
+  except ValueError as e:
+    raise ConversionError(f"{config_path}: {e}") from e
+  model = gpt_lib.GPT(**gpt_cfg, dtype=dtype)
+  if state_dict is None:
+    state_dict = torch_io.load_state_dict(checkpoint_path)
+  try:
+    gpt_params = gpt_lib.params_from_state_dict(state_dict, prefix="transformer.",
+                                                model=model)
+  except ValueError as e:
+    raise ConversionError(f"checkpoint {os.fspath(checkpoint_path)}: {e}") from e
+  return model, {"params": jax.tree.map(jnp.asarray, gpt_params)}
+
+
+def write_converted_transformer(checkpoint_path, config_path, out_dir) -> str:
+  """Converts a Net2NetTransformer: GPT, first stage and VQ conditioning stage."""
+  from vqgan_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import config_io  # pylint: disable=g-import-not-at-top
+  cfg = read_reference_config(config_path)
+  params = _transformer_params(cfg, config_path)
+  sd = torch_io.load_state_dict(checkpoint_path)
+  model, variables = load_taming_transformer(checkpoint_path, config_path,
+                                             state_dict=sd)
+  cond = transformer_conditioning(params)
+  perm_cfg = params.get("permuter_config") or {
+      "target": "taming.modules.transformer.permuter.Identity"}
+  if perm_cfg.get("target") not in PERMUTER_TARGETS:
+    raise ConversionError(f"unsupported permuter {perm_cfg.get('target')!r}; "
+                          f"supported: {sorted(PERMUTER_TARGETS)}")
+  first = params.get("first_stage_config")
+  if first is None:
+    raise ConversionError(f"{config_path}: model.params lacks first_stage_config")
+  vq = vqgan_from_reference(first)
+  vq_model, vq_vars, vq_extras = convert_taming_vqgan(
+      checkpoint_path, config_path, state_dict=sd)
+  os.makedirs(out_dir, exist_ok=True)
+  checkpoint.save_pretrained(os.path.join(out_dir, "vqgan"), "vqgan",
+                             vqgan_lib.model_config(vq_model), vq_vars,
+                             vq_extras)
+  if cond.get("cond_vqgan") == "cond_vqgan":
+    c_entry = params["cond_stage_config"]
+    c_model = vqgan_from_reference(c_entry)
+    c_params = params_from_state_dict(
+        {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")},
+        _abstract_params(c_model), prefix="cond_stage_model.",
+        what=f"checkpoint {os.fspath(checkpoint_path)} (cond stage)")
+    checkpoint.save_pretrained(os.path.join(out_dir, "cond_vqgan"), "vqgan",
+                               vqgan_lib.model_config(c_model),
+                               {"params": c_params})
+  f = vq.downsample_factor
+  grid = [vq.resolution // f, vq.resolution // f]
+  return checkpoint.save_pretrained(
+      out_dir, "transformer", config_io.to_config(model), variables,
+      vqgan="vqgan", image_grid=grid,
+      permuter=PERMUTER_TARGETS[perm_cfg["target"]], conditioning=cond,
+      source={"checkpoint": os.path.abspath(checkpoint_path),
+              "config": os.path.abspath(config_path)})
+
+
+# ----------------------------------------------------------------------------
 # Command line
 
 

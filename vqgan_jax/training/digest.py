@@ -9,6 +9,9 @@ def local_digest(tree) -> str:
   """SHA-256 over every addressable shard of every leaf, in a fixed order."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "addressable_shards"):  # numpy / host data
+      h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+      continue
     shards = sorted(leaf.addressable_shards, key=lambda s: str(s.index))
     for shard in shards[:1] if leaf.is_fully_replicated else shards:
       h.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())

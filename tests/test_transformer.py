@@ -1,0 +1,226 @@
+"""Stage 2: conversion and loss parity with Net2NetTransformer, conditioning,
+code caching, sharding, resume, and sample.py."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+import reference_ckpt as rc
+import train_utils as tu
+from vqgan_jax import codes as codes_lib
+from vqgan_jax import conditioning as cond_lib
+from vqgan_jax import convert
+from vqgan_jax import gpt as gpt_lib
+
+FIRST = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
+             dropout=0.0, in_channels=3, resolution=16, z_channels=32)
+GPT = dict(vocab_size=64, block_size=128, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def torch():
+  return oracle.torch()
+
+
+def _net2net(tmp_path, cond_stage, seed=0, **extra):
+  first = rc.vq_model_config(FIRST, 64, 16)
+  if cond_stage == "__is_first_stage__":
+    # The reference flattens VQ indices unless asked not to, which its own
+    # conditioning path cannot concatenate.
+    first["params"]["sane_index_shape"] = True
+  cfg = rc.net2net_config(first, GPT, cond_stage, **extra)
+  ref = rc.build_net2net(cfg, seed=seed)
+  x = np.random.default_rng(seed).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+  rc.spread_codebook(ref.first_stage_model, rc.to_nchw(x))
+  ckpt = rc.lightning_checkpoint(tmp_path / "t.ckpt", ref.state_dict())
+  yml = rc.write_yaml(tmp_path / "t.yaml", cfg)
+  return ref, x, ckpt, yml
+
+
+@pytest.mark.parametrize("cond", ["class", "sos", "first_stage"])
+def test_loss_equals_net2net_forward(tmp_path, torch, cond):
+  stage = {"class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}},
+           "sos": "__is_unconditional__", "first_stage": "__is_first_stage__"}[cond]
+  ref, x, ckpt, yml = _net2net(tmp_path, stage, cond_stage_key="image")
+  labels = np.array([3, 1, 4, 1], np.int64)
+  xt = rc.to_nchw(x)
+  with torch.no_grad():
+    c = torch.from_numpy(labels) if cond == "class" else xt
+    logits, target = ref(xt, c)
+    ref_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1)).item()
+    ref_logits = logits.numpy()
+
+  vq_model, vq_vars = convert.load_taming_vqgan(ckpt, yml)
+  model, variables = convert.load_taming_transformer(ckpt, yml)
+  z = np.asarray(vq_model.apply(vq_vars, jnp.asarray(x), method=vq_model.encode_to_indices))
+  z = z.reshape(4, -1)
+  if cond == "class":
+    c_tok = cond_lib.condition_tokens("class", 4, labels=labels)
+  elif cond == "sos":
+    c_tok = cond_lib.condition_tokens("sos", 4, sos_token=0)
+  else:
+    c_tok = cond_lib.condition_tokens("codes", 4, codes=z)
+  inputs, targets, start = cond_lib.sequence(c_tok, jnp.asarray(z))
+  out = model.apply(variables, inputs)[:, start:]
+  np.testing.assert_array_equal(np.asarray(targets), target.numpy())
+  np.testing.assert_allclose(np.asarray(out), ref_logits, atol=1e-4)
+  np.testing.assert_allclose(float(gpt_lib.token_loss(out, targets)), ref_loss, rtol=1e-5)
+
+
+def test_zcurve_permuter_equals_reference(torch):
+  oracle.taming()
+  from taming.modules.transformer.permuter import ZCurve
+  ref = ZCurve(8, 8)
+  x = torch.arange(64)[None]
+  np.testing.assert_array_equal(
+      cond_lib.permute(np.arange(64)[None], cond_lib.permutation("zcurve", 8, 8)),
+      ref(x).numpy())
+  for name in cond_lib.PERMUTERS:
+    perm = cond_lib.permutation(name, 4, 6)
+    t = np.arange(24)[None]
+    assert sorted(perm.tolist()) == list(range(24))
+    np.testing.assert_array_equal(cond_lib.permute(cond_lib.permute(t, perm), perm, True), t)
+
+
+def test_pkeep_and_label_dropout_rates():
+  tokens = jnp.zeros((200, 64), jnp.int32)
+  out = cond_lib.corrupt(tokens, jax.random.PRNGKey(0), 0.7, vocab_size=1000)
+  kept = float(jnp.mean(out == 0))
+  assert abs(kept - (0.7 + 0.3 / 1000)) < 0.01
+  assert int(out.max()) < 1000
+  labels = jnp.arange(4000).reshape(-1, 1) % 10
+  dropped = cond_lib.drop_labels(labels, jax.random.PRNGKey(1), 0.1, null_token=10)
+  assert abs(float(jnp.mean(dropped == 10)) - 0.1) < 0.02
+  assert bool(jnp.all((dropped == labels) | (dropped == 10)))
+
+
+def test_convert_cli_then_sample_py(tmp_path, torch):
+  ref, x, ckpt, yml = _net2net(
+      tmp_path, {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}},
+      permuter_config={"target": "taming.modules.transformer.permuter.ZCurve",
+                       "params": {"H": 8, "W": 8}})
+  out = tmp_path / "conv"
+  assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(out)]) == 0
+  info = json.load(open(out / "model.json"))
+  assert info["conditioning"]["kind"] == "class" and info["permuter"] == "zcurve"
+  assert info["image_grid"] == [8, 8]
+  # Greedy samples equal the reference's decoding of the same class prefix.
+  from vqgan_jax import sample_lib
+  r = tu.run_python(["sample.py", f"--workdir={out}", "--classes=3", "--num_samples=8",
+                     f"--outdir={tmp_path / 's'}", "--batch_size=8"])
+  names = sorted(os.listdir(tmp_path / "s"))
+  assert "grid.png" in names and "3_0007.png" in names and len(names) == 9
+  assert "images/s" in r.stdout
+  s = sample_lib.sample_images(str(out), str(tmp_path / "s2"), classes=[2], num_samples=2,
+                               progress=False, top_k=5)
+  assert s["tokens"].shape == (2, 8, 8) and s["tokens"].max() < 64
+
+
+def test_codes_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+  from vqgan_jax import data as data_lib
+  from vqgan_jax import vqgan as vqgan_lib
+  from vqgan_jax.training import sharding
+  model = vqgan_lib.VQGAN(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          resolution=16, z_channels=32, n_embed=16, embed_dim=8)
+  variables = vqgan_lib.init_variables(model, jax.random.PRNGKey(0))
+  ds = data_lib.build_dataset("digits", resolution=16, split="validation")
+  mesh = sharding.make_mesh({"data": 1})
+  calls = []
+  real = codes_lib.encode_dataset
+  monkeypatch.setattr(codes_lib, "encode_dataset",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  cfg = vqgan_lib.model_config(model)
+  a = codes_lib.cached_codes(str(tmp_path), model, cfg, variables, ds, 36, mesh)
+  b = codes_lib.cached_codes(str(tmp_path), model, cfg, variables, ds, 36, mesh)
+  assert len(calls) == 1 and a["codes"].shape == (180, 8, 8)
+  np.testing.assert_array_equal(a["codes"], b["codes"])
+  np.testing.assert_array_equal(a["labels"], np.asarray(ds.source.labels))
+  want = model.apply(variables, jnp.asarray(next(ds.eval_iterator(36))["image"]),
+                     method=model.encode_to_indices)
+  np.testing.assert_array_equal(a["codes"][:36], np.asarray(want))
+  other = jax.tree.map(lambda v: v * 1.01, variables)  # different weights
+  codes_lib.cached_codes(str(tmp_path), model, cfg, other, ds, 36, mesh)
+  train = data_lib.build_dataset("digits", resolution=16, split="train")  # different data
+  codes_lib.cached_codes(str(tmp_path), model, cfg, variables, train, 36, mesh)
+  assert len(calls) == 3 and len(os.listdir(tmp_path)) == 3
+
+
+@pytest.fixture(scope="module")
+def vqgan_dir(tmp_path_factory, torch):
+  tmp = tmp_path_factory.mktemp("vq")
+  cfg = rc.vq_model_config(FIRST, 64, 16)
+  ref = rc.build_reference(cfg, seed=0)
+  x = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+  rc.spread_codebook(ref, rc.to_nchw(x))
+  ckpt, yml = rc.save_reference(tmp, ref, cfg)
+  out = tmp / "vqgan"
+  assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(out)]) == 0
+  return out
+
+
+def _cmd(workdir, vq, *opts):
+  return ["train_transformer.py", "--config=configs/digits_transformer.py:test",
+          f"--workdir={workdir}", f"--config.vqgan_workdir={vq}",
+          "--config.sample_every=0", "--config.log_every=1", *opts]
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_later_losses(tmp_path, vqgan_dir):
+  full, split = tmp_path / "full", tmp_path / "split"
+  tu.run_python(_cmd(full, vqgan_dir, "--config.num_train_steps=8", "--config.checkpoint_every=4"))
+  tu.run_python(_cmd(split, vqgan_dir, "--config.num_train_steps=4", "--config.checkpoint_every=4"))
+  tu.run_python(_cmd(split, vqgan_dir, "--config.num_train_steps=8", "--config.checkpoint_every=4"))
+  a = {r["step"]: r["loss"] for r in tu.rows(full) if "loss" in r}
+  b = {r["step"]: r["loss"] for r in tu.rows(split) if "loss" in r}
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert a == b
+
+
+SHARDED = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import train_utils as tu
+from vqgan_jax.training import sharding, transformer_trainer as tt
+sharding.MIN_FSDP_SIZE = 0
+c = tu.load_config("digits_transformer", "test")
+c.optim.update(dict(lr_scaling="none", learning_rate=1e-2, warmup_steps=0, schedule="constant"))
+layout = tt.make_layout(c, 64, (8, 8))
+model = tt.build_model(c, layout)
+import optax
+tx = optax.sgd(0.1)  # Adam's normalisation would magnify round-off
+step, _ = tt.make_train_step(model, tx, c, layout)
+rng = np.random.default_rng(0)
+batches = [{"codes": rng.integers(0, 64, (8, 8, 8)).astype(np.int32),
+            "cond": rng.integers(0, 10, (8, 1)).astype(np.int32)} for _ in range(3)]
+res = {}
+for name, spec, devs in [("one", {"data": 1}, jax.devices()[:1]),
+                         ("mesh", {"data": 4, "fsdp": 2}, jax.devices())]:
+  mesh = sharding.make_mesh(spec, devs)
+  init = lambda r: tt.init_state(model, tx, r)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  sh = sharding.state_shardings(abstract, mesh)
+  bsh = sharding.batch_sharding(mesh)
+  state = jax.jit(init, out_shardings=sh)(jax.random.PRNGKey(0))
+  if name == "mesh":
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state["params"]))
+  f = jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, sharding.replicated(mesh)))
+  losses = []
+  for b in batches:
+    state, m = f(state, jax.device_put(b, bsh))
+    losses.append(float(m["loss"]))
+  res[name] = (losses, [np.asarray(x) for x in jax.tree.leaves(state["params"])])
+diff = max(float(np.max(np.abs(a - b))) for a, b in zip(res["one"][1], res["mesh"][1]))
+print(json.dumps({"one": res["one"][0], "mesh": res["mesh"][0], "diff": diff}))
+"""
+
+
+def test_sharded_step_equals_single_device():
+  r = tu.run_python(SHARDED, devices=8)
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(res["mesh"], res["one"], rtol=1e-5)
+  assert res["diff"] < 1e-5, res["diff"]
