@@ -30,3 +30,30 @@ def test_config_arguments_are_checked():
     tu.load_config("imagenet_vqgan", "f8")
   with pytest.raises(ValueError, match="give the image folder"):
     tu.load_config("folder_vqgan", "")
+
+
+TRANSFORMER_CONFIGS = [("digits_transformer", ""), ("digits_transformer", "test"),
+                       ("imagenet_transformer", "bf16,cfg"), ("faces_transformer", "/d"),
+                       ("depth_transformer", "/d")]
+
+
+@pytest.mark.parametrize("name,arg", TRANSFORMER_CONFIGS)
+def test_transformer_configs_build(name, arg):
+  from vqgan_jax.training import transformer_trainer as tt
+  c = tu.load_config(name, arg)
+  c.vqgan_workdir = "/somewhere"
+  if c.conditioning.kind == "codes":
+    c.conditioning.cond_vqgan_workdir = "/elsewhere"
+  tt.validate_config(c)
+  n_embed, grid = {"digits_transformer": (64, (8, 8)),
+                   "imagenet_transformer": (16384, (16, 16))}.get(name, (1024, (16, 16)))
+  layout = tt.make_layout(c, n_embed, grid, cond_grid=(16, 16))
+  model = tt.build_model(c, layout)
+  shapes = jax.eval_shape(lambda: tt.init_state(model, tt.make_optimizer(c),
+                                                jax.random.PRNGKey(0))["params"])
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  if name == "imagenet_transformer":
+    assert model.block_size == 256 and layout.vocab_size == 16384
+    assert 1.40e9 < n < 1.45e9, n  # the reference cIN transformer: 1.4B
+  if name == "depth_transformer":  # the reference's: 304.9M (block 512, vocab 1024)
+    assert abs(n - 304.9e6) < 0.6e6, n
