@@ -224,3 +224,23 @@ def test_sharded_step_equals_single_device():
   res = json.loads(r.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(res["mesh"], res["one"], rtol=1e-5)
   assert res["diff"] < 1e-5, res["diff"]
+
+
+SHARDED_SAMPLING = r"""
+import jax, jax.numpy as jnp, numpy as np
+from vqgan_jax import gpt as gpt_lib, sampling, sample_lib
+model = gpt_lib.GPT(vocab_size=32, block_size=24, n_layer=1, n_head=2, n_embd=32)
+v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 24), jnp.int32))
+prefix = np.arange(8, dtype=np.int32)[:, None]
+sharded = sample_lib.shard_batch(prefix)
+assert len(sharded.sharding.device_set) == 8
+a = sampling.sample(model, v, sharded, 20, jax.random.PRNGKey(1), top_k=5)
+b = sampling.sample(model, v, jnp.asarray(prefix), 20, jax.random.PRNGKey(1), top_k=5)
+np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("ok", len(a.sharding.device_set))
+"""
+
+
+def test_sampling_batches_shard_across_devices():
+  r = tu.run_python(SHARDED_SAMPLING, devices=8)
+  assert r.stdout.strip().splitlines()[-1].startswith("ok")

@@ -22,6 +22,20 @@ from vqgan_jax import sampling
 from vqgan_jax.training import metrics as metrics_lib
 
 
+def shard_batch(x: np.ndarray):
+  """Places a batch across all devices (leading axis) when it divides evenly.
+
+  The sampler's jit follows its input: the key/value cache, the scan and
+  the decoder then run data-parallel, one slice of the batch per device.
+  """
+  n = jax.device_count()
+  if n == 1 or len(x) % n:
+    return jnp.asarray(x)
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  return jax.device_put(x, NamedSharding(mesh, P("data")))
+
+
 def _resolve(base: str, path: Optional[str]) -> Optional[str]:
   if not path:
     return None
@@ -128,7 +142,7 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
       gh, gw = grid
       toks = np.asarray(toks)
     else:
-      toks = sampling.sample(model, variables, jnp.asarray(p), h * w, key,
+      toks = sampling.sample(model, variables, shard_batch(p), h * w, key,
                              temperature=temperature, top_k=top_k, top_p=top_p,
                              guidance_scale=guidance_scale, null_prefix=null)
       toks = cond_lib.permute(np.asarray(toks), perm, inverse=True)
