@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 
@@ -60,6 +61,13 @@ def main(argv=None):
   torch = oracle.torch()
   from vqgan_jax import convert
   tmp = tempfile.mkdtemp()
+  try:
+    _run(args, torch, convert, tmp)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args, torch, convert, tmp):
   ref, model, variables, ckpt, yml = build(args.size, args.small, tmp)
   rng = np.random.default_rng(1)
   base = rng.uniform(-1, 1, (args.batch, args.size // 16, args.size // 16, 3))

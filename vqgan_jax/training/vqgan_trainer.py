@@ -81,10 +81,12 @@ def load_perceptual(config, extras: Dict[str, Any]):
   if not lc.perceptual_weight:
     return None, None
   from vqgan_jax import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
+  dtype = jnp.dtype(config.model.dtype)  # the VGG trunk; distances stay f32
   if lc.lpips_vgg_path or lc.lpips_lin_path:
-    return lpips_lib.load_lpips(lc.lpips_vgg_path, lc.lpips_lin_path)
+    return lpips_lib.load_lpips(lc.lpips_vgg_path, lc.lpips_lin_path,
+                                dtype=dtype)
   if "lpips" in extras:
-    return lpips_lib.LPIPS(), extras["lpips"]
+    return lpips_lib.LPIPS(dtype=dtype), extras["lpips"]
   raise ValueError(
       f"config.loss.perceptual_weight={lc.perceptual_weight} needs LPIPS "
       "weights, and none were given. Either set "
