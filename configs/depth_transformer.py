@@ -2,14 +2,17 @@ r"""An image-conditioned transformer: the prefix is the code grid of a second
 VQGAN (the reference's depth / segmentation models, 24 layers, d 1024).
 
   python train_transformer.py --config=configs/depth_transformer.py:/data/images \
-      --workdir=runs/cond_transformer --config.vqgan_workdir=runs/rgb_vqgan \
-      --config.conditioning.cond_vqgan_workdir=runs/cond_vqgan \
-      --config.conditioning.cond_transform=grayscale
+      --workdir=runs/depth_transformer --config.vqgan_workdir=runs/rgb_vqgan \
+      --config.conditioning.cond_vqgan_workdir=runs/depth_vqgan \
+      --config.conditioning.cond_dataset=folder:/data/depth
 
-The conditioning VQGAN encodes `cond_transform(image)` ('identity',
-'grayscale' or 'downsample'); paired datasets (an image plus its depth map)
-are not read yet. Converted reference depth transformers (whose conditioning
-stage is a VQGAN) sample with `sample.py --cond_images=FOLDER`.
+`cond_dataset` mirrors the image folder (same relative file names, e.g.
+/data/images/a/1.jpg and /data/depth/a/1.png); its examples are encoded by
+the conditioning VQGAN (trained on depth maps with in_channels=out_ch=1).
+Without `cond_dataset`, the conditioning VQGAN encodes
+`cond_transform(image)` ('identity', 'grayscale' or 'downsample').
+Converted reference depth transformers sample with
+`sample.py --cond_images=FOLDER_OF_DEPTH_MAPS`.
 """
 from vqgan_jax.training import defaults
 

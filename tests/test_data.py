@@ -147,7 +147,8 @@ def test_folder_without_class_subfolders_has_no_labels(tmp_path):
   ds = _build(f'folder:{_gray_folder(tmp_path / "g", 3)}', resolution=16)
   assert ds.num_classes is None and not ds.has_labels
   batch = next(iter(ds.eval_iterator(batch_size=4)))
-  assert set(batch) == {'image', 'mask'}
+  assert set(batch) == {'image', 'mask', 'index'}
+  np.testing.assert_array_equal(batch['index'][batch['mask']], np.flatnonzero(batch['mask']))
   with pytest.raises(ValueError, match='no labels'):
     _build(f'folder:{tmp_path / "g"}', resolution=16, with_labels=True)
 

@@ -71,6 +71,18 @@ def test_loss_equals_net2net_forward(tmp_path, torch, cond):
   np.testing.assert_allclose(np.asarray(out), ref_logits, atol=1e-4)
   np.testing.assert_allclose(float(gpt_lib.token_loss(out, targets)), ref_loss, rtol=1e-5)
 
+  # The trainer's own loss function on the same batch.
+  from vqgan_jax.training import transformer_trainer as tt
+  config = tu.load_config("digits_transformer", "test")
+  config.conditioning.kind = {"first_stage": "codes"}.get(cond, cond)
+  config.gpt.update(dict(n_layer=2, n_head=2, n_embd=32, block_size=128,
+                         embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0))
+  layout = tt.make_layout(config, 64, (8, 8), cond_grid=(8, 8))
+  _, eval_step = tt.make_train_step(model, None, config, layout)
+  batch = {"codes": jnp.asarray(z.reshape(4, 8, 8)), "cond": c_tok}
+  loss, _ = eval_step(variables["params"], batch)
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+
 
 def test_zcurve_permuter_equals_reference(torch):
   oracle.taming()
@@ -244,3 +256,41 @@ print("ok", len(a.sharding.device_set))
 def test_sampling_batches_shard_across_devices():
   r = tu.run_python(SHARDED_SAMPLING, devices=8)
   assert r.stdout.strip().splitlines()[-1].startswith("ok")
+
+
+def test_paired_conditioning_dataset_aligns_by_file_name(tmp_path, vqgan_dir):
+  """'codes' conditioning from a second folder mirroring the image folder:
+  each image is paired with the conditioning file of the same relative name,
+  and an unreadable file on either side drops the pair, not the alignment."""
+  from PIL import Image
+  from vqgan_jax import checkpoint
+  from vqgan_jax.data import images as image_lib
+  from vqgan_jax.training import sharding
+  from vqgan_jax.training import transformer_trainer as tt
+  rng = np.random.default_rng(0)
+  imgs, conds = tmp_path / "img", tmp_path / "cond"
+  for root in (imgs, conds):
+    (root / "a").mkdir(parents=True)
+  for i in range(10):
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(imgs / "a" / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(conds / "a" / f"{i}.png")
+  (conds / "a" / "3.png").write_bytes(b"broken")
+  c = tu.load_config("depth_transformer", f"folder:{imgs}")
+  c.vqgan_workdir = str(vqgan_dir)
+  c.conditioning.cond_vqgan_workdir = str(vqgan_dir)
+  c.conditioning.cond_dataset = f"folder:{conds}"
+  c.codes_dir = str(tmp_path / "cache")
+  c.batch_size = 4
+  mesh = sharding.make_mesh({"data": 1})
+  model, variables = checkpoint.load_vqgan(str(vqgan_dir))
+  out = tt.load_codes(c, mesh, "train", model, variables, str(vqgan_dir),
+                      (model, variables, str(vqgan_dir)))
+  assert list(out["ids"]) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+  assert out["codes"].shape == out["cond_codes"].shape == (9, 8, 8)
+  x, _ = image_lib.preprocess(image_lib.open_image(str(conds / "a" / "7.png")), 16, 3)
+  want = model.apply(variables, jnp.asarray(x[None]), method=model.encode_to_indices)
+  np.testing.assert_array_equal(out["cond_codes"][6], np.asarray(want)[0])
+  (conds / "a" / "9.png").rename(conds / "a" / "99.png")
+  with pytest.raises(ValueError, match="unpaired files"):
+    tt.load_codes(c, mesh, "train", model, variables, str(vqgan_dir),
+                  (model, variables, str(vqgan_dir)))

@@ -88,6 +88,11 @@ def test_step_gradients_equal_the_pure_reference_loss(disc_start, disc_loss):
   if disc_start > 0:  # before disc_start the discriminator does not learn
     for a, b in zip(jax.tree.leaves(new["disc_params"]), jax.tree.leaves(before["disc_params"])):
       np.testing.assert_array_equal(a, b)
+    # Crossing disc_start (a traced step) does not recompile the step.
+    state = jax.device_put(new, run.state_shardings)
+    for _ in range(disc_start + 1):
+      state, m = run.step_fn(state, batch, run.lpips_vars)
+    assert float(m["disc_factor"]) == 1.0 and run.step_fn._cache_size() == 1
 
 
 SHARDED = r"""
@@ -297,6 +302,13 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
   _, trained = vqgan_jax.load_vqgan(str(wd), use_ema=False)
   _, converted = vqgan_jax.load_vqgan(str(conv_dir))
   for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The reference's discriminator came along (BatchNorm statistics included).
+  from vqgan_jax import checkpoint
+  state, _ = checkpoint._restore_workdir_state(str(wd))
+  disc = checkpoint.load_extras(str(conv_dir))["discriminator"]
+  assert "batch_stats" in disc
+  for a, b in zip(jax.tree.leaves(state["disc_params"]), jax.tree.leaves(disc["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   # A checkpoint of another architecture is refused with the differing fields.

@@ -24,6 +24,8 @@ import numpy as np
 
 from vqgan_jax.training import digest
 
+CACHE_VERSION = 2  # bump when the stored arrays change
+
 
 def dataset_fingerprint(dataset) -> str:
   """A hash of what a dataset holds: name, size and, for files, size+mtime."""
@@ -54,7 +56,8 @@ def vqgan_fingerprint(model_config: Dict[str, Any], variables) -> str:
 
 def encode_dataset(model, variables, dataset, batch_size: int, mesh
                    ) -> Dict[str, np.ndarray]:
-  """Codes (N, h, w) int32 and labels (N,) of every readable example.
+  """Codes (N, h, w) int32, labels (N,) and source ids (N,) of every
+  readable example, in source order.
 
   All processes take part; each encodes its shard and the results are
   gathered so every process holds the whole array.
@@ -67,17 +70,22 @@ def encode_dataset(model, variables, dataset, batch_size: int, mesh
   variables = jax.device_put(variables, repl)
   enc = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_to_indices),
                 in_shardings=(repl, batch_sh), out_shardings=batch_sh)
-  codes, labels = [], []
+  codes, labels, ids = [], [], []
   for batch in dataset.eval_iterator(batch_size):
     local = {"image": batch["image"], "mask": batch["mask"],
+             "index": batch["index"],
              "label": batch.get("label", np.zeros(len(batch["mask"]), np.int32))}
     gb = make_global_batch(local, batch_sh)
     idx = to_host(enc(variables, gb["image"]))
     mask = to_host(gb["mask"]).astype(bool)
     codes.append(idx[mask])
     labels.append(to_host(gb["label"])[mask])
-  out = {"codes": np.concatenate(codes).astype(np.int32),
-         "labels": np.concatenate(labels).astype(np.int32)}
+    ids.append(to_host(gb["index"])[mask])
+  ids = np.concatenate(ids)
+  order = np.argsort(ids, kind="stable")  # source order, whatever the sharding
+  out = {"codes": np.concatenate(codes).astype(np.int32)[order],
+         "labels": np.concatenate(labels).astype(np.int32)[order],
+         "ids": ids[order].astype(np.int64)}
   if not dataset.source.has_labels:
     out["labels"] = np.full(len(out["codes"]), -1, np.int32)
   return out
@@ -87,8 +95,8 @@ def cached_codes(cache_dir: str, model, model_config, variables, dataset,
                  batch_size: int, mesh, *, tag: str = "") -> Dict[str, np.ndarray]:
   """Codes of ``dataset`` from the cache, computing and storing them if needed."""
   key = hashlib.sha256(
-      (vqgan_fingerprint(model_config, variables) + dataset_fingerprint(dataset)
-       + tag).encode()).hexdigest()[:24]
+      (f"v{CACHE_VERSION}" + vqgan_fingerprint(model_config, variables) +
+       dataset_fingerprint(dataset) + tag).encode()).hexdigest()[:24]
   path = os.path.join(cache_dir, f"codes_{key}.npz")
   if os.path.exists(path):
     try:

@@ -170,7 +170,8 @@ class Dataset:
       prefetch: host batches prepared ahead in a background thread (0: none).
 
     Returns:
-      An iterator of {'image', 'label' (when labelled), 'mask': bool (b,)}.
+      An iterator of {'image', 'label' (when labelled), 'mask': bool (b,),
+      'index': int64 (b,) example ids in the source (-1 for padding)}.
     """
     batches = self._eval_batches(self.local_batch_size(batch_size),
                                  self.num_eval_batches(batch_size,
@@ -186,6 +187,7 @@ class Dataset:
         indices[valid] = self.local_indices[positions[valid]]
         batch = self._empty_batch(local)
         batch['mask'] = self._read_into(batch, indices, None, pool)
+        batch['index'] = indices.astype(np.int64)  # example ids (-1: padding)
         yield batch
 
   def _train_batches(self, local: int, seed: int,

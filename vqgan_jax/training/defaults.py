@@ -67,8 +67,11 @@ def transformer_config() -> ml_collections.ConfigDict:
       kind="class",          # 'sos' | 'class' | 'codes' | 'coord'
       sos_token=0,
       num_classes=1000,
-      # 'codes': a second VQGAN encodes a transform of the image.
+      # 'codes': a second VQGAN encodes the paired example of cond_dataset
+      # (e.g. folder:/data/depth mirroring the image folder's file names),
+      # or, without cond_dataset, a transform of the image itself.
       cond_vqgan_workdir="",
+      cond_dataset="",
       cond_transform="identity",   # 'identity' | 'grayscale' | 'downsample'
       # classifier-free guidance: probability of the null class in training.
       label_dropout=0.0,

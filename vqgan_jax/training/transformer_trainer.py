@@ -218,6 +218,23 @@ def _cond_images(x: np.ndarray, transform: str) -> np.ndarray:
                    "valid: 'identity', 'grayscale', 'downsample'")
 
 
+def check_paired(ds, cond_ds) -> None:
+  """Two datasets whose examples correspond one to one (same relative names)."""
+  a, b = ds.source, cond_ds.source
+  if a.num_examples != b.num_examples:
+    raise ValueError(
+        f"config.conditioning.cond_dataset ({b.name}) has {b.num_examples} "
+        f"examples but config.dataset ({a.name}) has {a.num_examples}; the two "
+        "must pair one to one (same relative file names)")
+  pa, pb = getattr(a, "paths", None), getattr(b, "paths", None)
+  if pa is not None and pb is not None:
+    stem = lambda root, p: os.path.splitext(os.path.relpath(p, root))[0]
+    for x, y in zip(pa, pb):
+      if stem(a.root, x) != stem(b.root, y):
+        raise ValueError(f"unpaired files: {x} vs {y}; the conditioning folder "
+                         "must mirror the image folder's relative names")
+
+
 class _TransformedSource:
   """A data source whose images pass through a conditioning transform."""
 
@@ -250,12 +267,24 @@ def load_codes(config, mesh, split: str, vqgan, vqgan_vars, vqgan_dir,
                                tag=split)
   if kind == "codes":
     c_model, c_vars, c_dir = cond
-    tds = _TransformedSource(ds, config.conditioning.cond_transform)
-    c = codes_lib.cached_codes(
-        config.codes_dir or os.path.join(c_dir, "codes"), c_model,
-        config_io.to_config(c_model), c_vars, tds, config.batch_size, mesh,
-        tag=split + ":" + config.conditioning.cond_transform)
-    out["cond_codes"] = c["codes"]
+    c_cache = config.codes_dir or os.path.join(c_dir, "codes")
+    if config.conditioning.cond_dataset:  # paired data, e.g. depth maps
+      c_ds = data_lib.build_dataset(
+          config.conditioning.cond_dataset, resolution=c_model.resolution,
+          split=split, data_dir=config.data_dir,
+          channels=c_model.in_channels)
+      check_paired(ds, c_ds)
+      tag = split
+    else:
+      c_ds = _TransformedSource(ds, config.conditioning.cond_transform)
+      tag = split + ":" + config.conditioning.cond_transform
+    c = codes_lib.cached_codes(c_cache, c_model, config_io.to_config(c_model),
+                               c_vars, c_ds, config.batch_size, mesh, tag=tag)
+    # Keep the examples readable on both sides, paired by source id.
+    common = np.intersect1d(out["ids"], c["ids"])
+    pick = lambda d: np.searchsorted(d["ids"], common)
+    out = {k: v[pick(out)] for k, v in out.items()}
+    out["cond_codes"] = c["codes"][pick(c)]
   if kind == "class":
     n = config.conditioning.num_classes
     if out["labels"].max() >= n:

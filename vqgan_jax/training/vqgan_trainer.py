@@ -318,8 +318,9 @@ def _check_batch(config, mesh) -> None:
         f"{n} devices of the mesh {dict(mesh.shape)}; use a multiple of {n}")
 
 
-def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:  # noqa
-  """Replaces parameters by those of ``config.init_from`` (checked)."""
+def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
+  """Replaces parameters by those of ``config.init_from`` (checked), and the
+  discriminator by the one saved beside it (``extras``) when it fits."""
   path = config.init_from
   info, variables = ckpt_lib.load_variables(path, "vqgan")
   want = vqgan_lib.model_config(model)
@@ -343,8 +344,6 @@ def _load_init_from(config, model, state, extras_out: Dict) -> PyTree:  # noqa
   params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                         variables["params"], state["params"])
   state = dict(state, params=params)
-  extras = ckpt_lib.load_extras(path)
-  extras_out.update(extras)
   if "discriminator" in extras:
     dv = dict(extras["discriminator"])
     dp = dv.pop("params")
@@ -489,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   else:
     state = run.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
-      state = _load_init_from(config, run.model, state, {})
+      state = _load_init_from(config, run.model, state, extras)
       state = jax.device_put(state, run.state_shardings)
     if config.disc.use_actnorm and not _disc_initialized(state):
       state = _init_actnorm(run, state, train_ds, config)
