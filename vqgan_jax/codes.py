@@ -64,7 +64,7 @@ def encode_dataset(model, variables, dataset, batch_size: int, mesh
   """
   from vqgan_jax.data import make_global_batch  # pylint: disable=g-import-not-at-top
   from vqgan_jax.training import sharding as shard_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.training.vqgan_trainer import to_host  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training.loop import to_host  # pylint: disable=g-import-not-at-top
   batch_sh = shard_lib.batch_sharding(mesh)
   repl = shard_lib.replicated(mesh)
   variables = jax.device_put(variables, repl)

@@ -29,10 +29,11 @@ from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import sampling
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import digest
+from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import sharding as shard_lib
-from vqgan_jax.training.vqgan_trainer import _progress, to_host
+from vqgan_jax.training.loop import to_host
 
 PyTree = Any
 
@@ -440,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                      is_primary=primary)
   preempt = runtime.PreemptionHandler()
   timer = metrics_lib.RateTimer()
-  progress = _progress(primary, start, config.num_train_steps)
+  progress = loop.Progress(primary, start, config.num_train_steps)
   step, last = start, {}
   tokens_per_step = config.batch_size * layout.image_len
   try:
@@ -452,11 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       progress(1)
       if step % config.log_every == 0 or step == config.num_train_steps:
         m = jax.device_get(m)
-        if int(jax.device_get(state["bad_steps"])) >= config.max_bad_steps:
-          raise FloatingPointError(
-              f"{config.max_bad_steps} non-finite steps in a row at step "
-              f"{step}; the last good checkpoint is step "
-              f"{ckpt.latest_step()} in {ckpt.directory}")
+        loop.check_finite(state, config, ckpt, step)
         steps_per_sec = timer.rate()
         extra = {"tokens_per_sec": steps_per_sec * tokens_per_step,
                  "code_entropy": entropy}
@@ -477,12 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           metrics_lib.save_png(
               os.path.join(workdir, "images", f"samples_{step:07d}.png"),
               metrics_lib.image_grid(imgs, ncol=ncol))
-      stop = runtime.any_process(preempt.should_stop)
-      if step % config.checkpoint_every == 0 or stop or (
-          step == config.num_train_steps):
-        ckpt.save(step, state, {"step": step}, force=True)
-      if stop:
-        logging.warning("stopping at step %d after a signal", step)
+      if loop.save_or_stop(ckpt, state, step, config, preempt,
+                           {"step": step}):
         break
     digest.write_replica_digest(workdir, state["params"])
   finally:

@@ -32,6 +32,7 @@ from vqgan_jax import quantizers
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import digest
+from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import sharding as shard_lib
@@ -269,12 +270,7 @@ def make_eval_step(model) -> Callable:
   return eval_step
 
 
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-host sharded) global array as one numpy array."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+to_host = loop.to_host  # re-exported for callers of this module
 
 
 # ----------------------------------------------------------------------------
@@ -508,7 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   timer = metrics_lib.RateTimer()
   last: Dict[str, Any] = {}
   step = start_step
-  progress = _progress(primary, start_step, config.num_train_steps)
+  progress = loop.Progress(primary, start_step, config.num_train_steps)
   try:
     while step < config.num_train_steps:
       batch = next(batches)
@@ -518,11 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       progress(1)
       if step % config.log_every == 0 or step == config.num_train_steps:
         m = jax.device_get(m)
-        if int(jax.device_get(state["bad_steps"])) >= config.max_bad_steps:
-          raise FloatingPointError(
-              f"{config.max_bad_steps} non-finite steps in a row at step "
-              f"{step}; the last good checkpoint is step "
-              f"{ckpt.latest_step()} in {ckpt.directory}")
+        loop.check_finite(state, config, ckpt, step)
         last = writer.write(step, dict(m, img_per_sec=timer.rate(),
                                        **train_ds.stats))
       if config.image_every and step % config.image_every == 0:
@@ -534,13 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         em = evaluate(run.eval_fn, state["params"], eval_ds, config,
                       run.batch_sharding, run.model.n_embed)
         last.update(writer.write(step, em))
-      stop = runtime.any_process(preempt.should_stop)
-      if step % config.checkpoint_every == 0 or stop or (
-          step == config.num_train_steps):
-        ckpt.save(step, state, {"step": step, "dataset": config.dataset},
-                  force=True)
-      if stop:
-        logging.warning("stopping at step %d after a signal", step)
+      if loop.save_or_stop(ckpt, state, step, config, preempt,
+                           {"step": step, "dataset": config.dataset}):
         break
     digest.write_replica_digest(workdir, state["params"])
   finally:
@@ -549,25 +536,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     preempt.restore()
     progress.close()
   return last
-
-
-class _progress:
-  """A tqdm bar on the primary process (no-op elsewhere)."""
-
-  def __init__(self, enabled, start, total):
-    self._bar = None
-    if enabled:
-      try:
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-        self._bar = tqdm(total=total, initial=start, unit="step",
-                         dynamic_ncols=True, mininterval=2.0)
-      except ImportError:  # pragma: no cover
-        pass
-
-  def __call__(self, n):
-    if self._bar is not None:
-      self._bar.update(n)
-
-  def close(self):
-    if self._bar is not None:
-      self._bar.close()

@@ -1,0 +1,47 @@
+"""The command line shared by train_vqgan.py and train_transformer.py.
+
+Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
+``--config.FIELD=VALUE`` overrides), ``--workdir``, and the multi-host
+options. The trainer module's ``train_and_evaluate(config, workdir)`` runs.
+"""
+import importlib
+import logging
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None,
+                    "Directory for checkpoints, metrics and images.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.DEFINE_bool("distributed_auto", False,
+                  "Let JAX detect the cluster (TPU pods, SLURM, Open MPI).")
+
+
+def run(trainer_module: str) -> None:
+  """Parses flags and runs ``trainer_module.train_and_evaluate``."""
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
+    from vqgan_jax.training import runtime  # pylint: disable=g-import-not-at-top
+    runtime.maybe_initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        auto=FLAGS.distributed_auto)
+    trainer = importlib.import_module(trainer_module)
+    last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                        if isinstance(v, float))
+    print(f"done: {FLAGS.workdir} ({summary})")
+
+  app.run(main)
