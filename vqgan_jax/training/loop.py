@@ -17,6 +17,20 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def learning_rate(config) -> float:
+  """The reference's rule, base_lr x global batch x accumulation steps
+  (``lr_scaling='reference'``), or ``learning_rate`` as given ('none')."""
+  o = config.optim
+  if o.lr_scaling == "reference":
+    return float(o.base_learning_rate * config.batch_size *
+                 o.get("grad_accum_steps", 1))
+  if o.lr_scaling == "none":
+    return float(o.learning_rate)
+  raise ValueError(f"config.optim.lr_scaling={o.lr_scaling!r}; valid: "
+                   "'reference' (base_learning_rate x batch_size) or 'none' "
+                   "(learning_rate as given)")
+
+
 def check_finite(state, config, ckpt, step: int) -> None:
   """Stops the run after ``config.max_bad_steps`` skipped updates in a row."""
   if int(jax.device_get(state["bad_steps"])) >= config.max_bad_steps:

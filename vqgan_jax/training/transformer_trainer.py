@@ -53,15 +53,7 @@ def peak_tflops(config) -> Optional[float]:
   return None
 
 
-def learning_rate(config) -> float:
-  o = config.optim
-  if o.lr_scaling == "reference":
-    return float(o.base_learning_rate * config.batch_size * o.grad_accum_steps)
-  if o.lr_scaling == "none":
-    return float(o.learning_rate)
-  raise ValueError(f"config.optim.lr_scaling={o.lr_scaling!r}; valid: "
-                   "'reference' (base_learning_rate x batch x accumulation) "
-                   "or 'none'")
+learning_rate = loop.learning_rate
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

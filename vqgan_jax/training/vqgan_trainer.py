@@ -55,16 +55,7 @@ def build_discriminator(config) -> disc_lib.NLayerDiscriminator:
       dtype=jnp.dtype(config.model.dtype))
 
 
-def learning_rate(config, num_devices: int | None = None) -> float:
-  """The reference's rule: base_lr x global batch (= per-device x devices)."""
-  o = config.optim
-  if o.lr_scaling == "reference":
-    return float(o.base_learning_rate * config.batch_size)
-  if o.lr_scaling == "none":
-    return float(o.learning_rate)
-  raise ValueError(f"config.optim.lr_scaling={o.lr_scaling!r}; valid: "
-                   "'reference' (base_learning_rate x batch_size) or 'none' "
-                   "(learning_rate as given)")
+learning_rate = loop.learning_rate
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
