@@ -39,9 +39,8 @@ def main(argv=None):
   import oracle
   torch = oracle.torch()
   oracle.taming()
-  from taming.modules.transformer.mingpt import GPT as RefGPT, GPTConfig
+  from taming.modules.transformer.mingpt import GPT as RefGPT
   from vqgan_jax import gpt as gpt_lib
-  from vqgan_jax import conditioning as cond_lib
   from vqgan_jax.training import transformer_trainer as tt
   from vqgan_jax.training import defaults
 
@@ -55,7 +54,6 @@ def main(argv=None):
   decay, no_decay = [], []
   for mn, m in ref.named_modules():
     for pn, prm in m.named_parameters(recurse=False):
-      full = f"{mn}.{pn}" if mn else pn
       (decay if pn.endswith("weight") and isinstance(m, torch.nn.Linear)
        else no_decay).append(prm)
   ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
@@ -82,7 +80,6 @@ def main(argv=None):
   cfg.conditioning.num_classes = 10
   cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
   cfg.gpt.update(dict(n_layer=args.layers, n_head=args.heads, n_embd=args.width))
-  rows = {}
   batch = {"codes": jnp.asarray(z.reshape(args.batch, 1, -1), jnp.int32),
            "cond": jnp.asarray(c, jnp.int32)}
   fns = {"reference (float32)": ref_step}

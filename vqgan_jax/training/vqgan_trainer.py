@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import logging
 import os
-import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
