@@ -133,6 +133,35 @@ def test_convert_cli_then_sample_py(tmp_path, torch):
   assert s["tokens"].shape == (2, 8, 8) and s["tokens"].max() < 64
 
 
+def test_sample_py_sliding_window_with_image_conditioning(tmp_path, torch):
+  """A codes-conditioned model samples a token grid larger than its window:
+  the conditioning images are encoded at the grid's size and the window's
+  crop of their codes conditions every position."""
+  from PIL import Image
+  from vqgan_jax import sample_lib
+  ref, x, ckpt, yml = _net2net(tmp_path, "__is_first_stage__")
+  out = tmp_path / "conv"
+  assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(out)]) == 0
+  conds = tmp_path / "cond"
+  conds.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(2):  # any size: resized to cover 24x32 pixels, centre-cropped
+    Image.fromarray(rng.integers(0, 255, (30, 37, 3), dtype=np.uint8)).save(conds / f"{i}.png")
+  s = sample_lib.sample_images(str(out), str(tmp_path / "s"), num_samples=1, batch_size=2,
+                               grid=(12, 16), cond_images=str(conds), progress=False,
+                               save_npz=True)
+  assert s["tokens"].shape == (2, 12, 16) and s["tokens"].max() < 64
+  npz = np.load(tmp_path / "s" / "samples.npz")
+  assert npz["images"].shape == (2, 24, 32, 3)
+  # The conditioning grid the sampler saw is the VQGAN's code grid at 24x32.
+  info = json.load(open(out / "model.json"))
+  codes = sample_lib.encode_condition_images(info, str(conds), str(out), grid=(12, 16))
+  assert codes.shape == (2, 12, 16)
+  with pytest.raises(ValueError, match="smaller than the model's 8x8"):
+    sample_lib.sample_images(str(out), str(tmp_path / "t"), grid=(6, 16),
+                             cond_images=str(conds), progress=False)
+
+
 def test_codes_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
   from vqgan_jax import data as data_lib
   from vqgan_jax import vqgan as vqgan_lib

@@ -75,8 +75,34 @@ def _prefixes(info, classes, num_samples, cond_codes) -> tuple:
   return np.repeat(cond_codes, num_samples, axis=0), None
 
 
-def encode_condition_images(info, folder: str, workdir: str) -> np.ndarray:
-  """Codes of the conditioning images (for 'codes' models)."""
+def _cover_crop(image, height: int, width: int):
+  """Resizes `image` to cover height x width (aspect kept), centre-crops."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  scale = max(height / image.height, width / image.width)
+  size = (max(width, round(image.width * scale)),
+          max(height, round(image.height * scale)))
+  image = image.resize(size, Image.BICUBIC)
+  left, top = (size[0] - width) // 2, (size[1] - height) // 2
+  return image.crop((left, top, left + width, top + height))
+
+
+def encode_condition_images(info, folder: str, workdir: str,
+                            grid: Optional[Sequence[int]] = None
+                            ) -> np.ndarray:
+  """Codes of the conditioning images (for 'codes' models).
+
+  Args:
+    info: the transformer's model.json.
+    folder: folder of conditioning images (found recursively, sorted).
+    workdir: the transformer directory (resolves the conditioning VQGAN).
+    grid: None for the training resolution (returns (N, Lc) flat codes);
+      (H, W) in tokens for the sliding window: each image is resized to
+      cover H x W tokens of the conditioning VQGAN and centre-cropped, and
+      the (N, H, W) code grids are returned.
+
+  Returns:
+    int32 codes, (N, Lc) or (N, H, W).
+  """
   from vqgan_jax import reconstruct  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data import images as image_lib  # pylint: disable=g-import-not-at-top
   c = info["conditioning"]
@@ -84,13 +110,24 @@ def encode_condition_images(info, folder: str, workdir: str) -> np.ndarray:
       workdir, "cond_vqgan")
   model, variables = ckpt_lib.load_vqgan(c_dir)
   paths = reconstruct.find_images(folder)
-  x = np.stack([image_lib.preprocess(
-      image_lib.open_image(os.path.join(folder, p)), model.resolution,
-      model.in_channels)[0] for p in paths])
+  if not paths:
+    raise FileNotFoundError(f"--cond_images={folder!r}: no images found")
+  opened = [image_lib.open_image(os.path.join(folder, p)) for p in paths]
+  if grid is None:
+    x = np.stack([image_lib.preprocess(im, model.resolution,
+                                       model.in_channels)[0] for im in opened])
+  else:
+    factor = 2 ** (len(model.ch_mult) - 1)
+    height, width = grid[0] * factor, grid[1] * factor
+    x = np.stack([image_lib.normalize(np.asarray(
+        _cover_crop(image_lib.convert_mode(im, model.in_channels), height,
+                    width), np.uint8).reshape(height, width, -1))
+                  for im in opened])
   from vqgan_jax.training.transformer_trainer import _cond_images  # pylint: disable=g-import-not-at-top
   x = _cond_images(x, c.get("cond_transform", "identity"))
-  codes = model.apply(variables, jnp.asarray(x), method=model.encode_to_indices)
-  return np.asarray(codes).reshape(len(paths), -1)
+  codes = np.asarray(model.apply(variables, jnp.asarray(x),
+                                 method=model.encode_to_indices))
+  return codes if grid is not None else codes.reshape(len(paths), -1)
 
 
 def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]] = None,
@@ -105,9 +142,24 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
   info, model, variables, vq_model, vq_vars = load_pipeline(workdir)
   h, w = info["image_grid"]
   perm = cond_lib.permutation(info.get("permuter", "identity"), h, w)
+  big = grid is not None and tuple(grid) != (h, w)
+  if big:
+    if grid[0] < h or grid[1] < w:
+      raise ValueError(f"--grid={grid[0]}x{grid[1]} is smaller than the "
+                       f"model's {h}x{w} token window")
+    if info.get("permuter", "identity") != "identity":
+      raise ValueError("the sliding window needs raster order; this model "
+                       f"uses permuter {info['permuter']!r}")
   cond_codes = None
   if cond_images:
-    cond_codes = encode_condition_images(info, cond_images, os.path.abspath(workdir))
+    cond_codes = encode_condition_images(info, cond_images,
+                                         os.path.abspath(workdir),
+                                         grid=grid if big else None)
+  if big and cond_codes is not None and cond_codes.shape[1:] != tuple(grid):
+    raise ValueError(f"conditioning codes form a {cond_codes.shape[1:]} grid "
+                     f"but --grid is {tuple(grid)}: the sliding window needs "
+                     "conditioning and image VQGANs with the same "
+                     "downsampling factor")
   prefix, labels = _prefixes(info, classes, num_samples, cond_codes)
   null = None
   if guidance_scale is not None:
@@ -116,7 +168,6 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
       raise ValueError("--guidance_scale needs a model trained with label "
                        "dropout (config.conditioning.label_dropout > 0)")
     null = np.full((1, 1), null_token, np.int32)
-  big = grid is not None and tuple(grid) != (h, w)
   if big and guidance_scale is not None:
     raise ValueError("guidance with the sliding window is not supported")
   total = len(prefix)
