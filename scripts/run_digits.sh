@@ -12,6 +12,9 @@ python train_transformer.py --config=configs/digits_transformer.py \
   --workdir="$RUNS/digits_transformer" --config.vqgan_workdir="$RUNS/digits_vqgan"
 python sample.py --workdir="$RUNS/digits_transformer" --num_samples=10 \
   --outdir="$RUNS/digits_samples" --seed=0
+# An independent classifier, trained on the real digits, reads the samples.
+python -m vqgan_jax.evaluate digits-judge --samples="$RUNS/digits_samples" \
+  --output="$RUNS/digits_samples/judge.json" > /dev/null
 python - "$RUNS" <<'PY'
 import json, sys
 runs = sys.argv[1]
@@ -26,4 +29,9 @@ ent = last(f"{runs}/digits_transformer/metrics.jsonl", "code_entropy").get("code
 print(f"Transformer: validation loss {tr.get('eval_loss', float('nan')):.3f} nats/token "
       f"(code entropy {ent:.3f})   ({runs}/digits_transformer)")
 print(f"Samples:     {runs}/digits_samples/grid.png (one row per digit 0-9)")
+judge = json.load(open(f"{runs}/digits_samples/judge.json"))
+print(f"Judge:       the intended digit in {100 * judge['accuracy']:.1f}% of "
+      f"{judge['num_samples']} samples (classifier: "
+      f"{100 * judge['judge_val_accuracy']:.1f}% on real held-out digits)   "
+      f"({runs}/digits_samples/judge.json)")
 PY
