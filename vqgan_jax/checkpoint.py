@@ -115,14 +115,22 @@ def latest_step(checkpoint_dir: str) -> Optional[int]:
   if not os.path.isdir(checkpoint_dir):
     return None
   with ocp.CheckpointManager(checkpoint_dir) as mngr:
-    return mngr.latest_step()
+    return _newest_committed(checkpoint_dir, mngr.all_steps())
+
+
+def _newest_committed(checkpoint_dir: str, steps) -> Optional[int]:
+  """The newest step whose directory holds orbax's commit marker (orbax
+  itself lists uncommitted step directories on local disks)."""
+  done = [s for s in steps if os.path.exists(
+      os.path.join(checkpoint_dir, str(s), "commit_success.txt"))]
+  return max(done) if done else None
 
 
 def _restore_workdir_state(workdir: str) -> Tuple[Dict, int]:
   ocp = _ocp()
   ckpt_dir = os.path.join(workdir, "checkpoints")
   with ocp.CheckpointManager(ckpt_dir) as mngr:
-    step = mngr.latest_step()
+    step = _newest_committed(ckpt_dir, mngr.all_steps())
     if step is None:
       raise CheckpointNotFoundError(
           f"{ckpt_dir} holds no complete checkpoint yet; train longer or "

@@ -3,10 +3,14 @@
 Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
 ``--config.FIELD=VALUE`` overrides), ``--workdir``, and the multi-host
 options. The trainer module's ``train_and_evaluate(config, workdir)`` runs.
+Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
+path or dataset (one ``error:`` line on stderr), 3 too many non-finite
+steps in a row.
 """
 import importlib
 import logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -38,8 +42,17 @@ def run(trainer_module: str) -> None:
     runtime.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
         auto=FLAGS.distributed_auto)
+    from vqgan_jax.training import validation  # pylint: disable=g-import-not-at-top
     trainer = importlib.import_module(trainer_module)
-    last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (validation.ConfigError, FileNotFoundError) as e:
+      # A bad config, path or dataset: one line, no traceback.
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(validation.EXIT_CONFIG)
+    except FloatingPointError as e:  # max_bad_steps non-finite steps in a row
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(validation.EXIT_NONFINITE)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                         if isinstance(v, float))
     print(f"done: {FLAGS.workdir} ({summary})")
