@@ -161,8 +161,100 @@ def _library_attention(q: Array, k: Array, v: Array, n_unmasked: int,
   return jax.nn.dot_product_attention(q, k, v, **kwargs)
 
 
+# ----------------------------------------------------------------------------
+# Rotary position embeddings (an option; the reference uses `pos_emb`).
+# ----------------------------------------------------------------------------
+
+POSITION_EMBEDDINGS = ("learned", "rope", "rope2d")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+def rope_frequencies(dim: int, base: float = 10000.0) -> Array:
+  """Angular frequencies ``base ** (-2i / dim)``, i < dim // 2 (float32)."""
+  return 1.0 / (base**(jnp.arange(0, dim // 2, dtype=jnp.float32) * 2.0 / dim))
+
+
+def grid_positions(positions: Array, grid_width: int,
+                   prefix_len: int) -> tuple[Array, Array]:
+  """(row, column) of each sequence position for 2D rotary embeddings.
+
+  The sequence is ``[prefix (prefix_len tokens) | image tokens in raster
+  order]``. Image token n sits at (n // grid_width + 1, n % grid_width);
+  prefix token j sits on row 0 at column j, a row above the image, so every
+  prefix/image pair has its own offset and image pairs depend only on their
+  (d_row, d_col).
+
+  Args:
+    positions: int (T,) absolute sequence positions.
+    grid_width: tokens per image row.
+    prefix_len: number of conditioning tokens before the image.
+
+  Returns:
+    (rows, cols), int32 (T,) each.
+  """
+  s = jnp.asarray(positions, jnp.int32)
+  n = s - prefix_len
+  image = n >= 0
+  rows = jnp.where(image, n // grid_width + 1, 0)
+  cols = jnp.where(image, n % grid_width, s)
+  return rows, cols
+
+
+def rope_angles(positions: Array, head_dim: int, base: float = 10000.0, *,
+                grid_width: int | None = None, prefix_len: int = 0) -> Array:
+  """Rotation angles (T, head_dim // 2) for 1D or 2D rotary embeddings.
+
+  1D: angle[t, i] = positions[t] * freq_i over head_dim. 2D (with
+  `grid_width`): the first half of the angles rotate by the token's row,
+  the second half by its column (`grid_positions`), each with the
+  frequencies of a head_dim / 2 rotary embedding.
+
+  Args:
+    positions: int (T,) absolute sequence positions.
+    head_dim: per-head width D (even; divisible by 4 for 2D).
+    base: frequency base.
+    grid_width: image grid width for 2D; None for 1D.
+    prefix_len: conditioning tokens before the image (2D only).
+
+  Returns:
+    float32 (T, head_dim // 2).
+  """
+  pos = jnp.asarray(positions, jnp.int32)
+  if grid_width is None:
+    return pos[:, None].astype(jnp.float32) * rope_frequencies(head_dim, base)
+  rows, cols = grid_positions(pos, grid_width, prefix_len)
+  freqs = rope_frequencies(head_dim // 2, base)
+  return jnp.concatenate([rows[:, None].astype(jnp.float32) * freqs,
+                          cols[:, None].astype(jnp.float32) * freqs], axis=-1)
+
+
+def apply_rope(x: Array, angles: Array) -> Array:
+  """Rotates feature pairs (i, i + D/2) of `x` by `angles[t, i]`.
+
+  Args:
+    x: (B, T, H, D) queries or keys.
+    angles: (T, D // 2) angles (`rope_angles`).
+
+  Returns:
+    (B, T, H, D) in x's dtype (rotation computed in float32).
+  """
+  half = x.shape[-1] // 2
+  cos = jnp.cos(angles)[None, :, None, :]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x1 = x[..., :half].astype(jnp.float32)
+  x2 = x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.astype(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-  """Multi-head masked self-attention with separate q/k/v/proj projections."""
+  """Multi-head masked self-attention with separate q/k/v/proj projections.
+
+  With `position_embedding` 'rope' / 'rope2d' the queries and keys are
+  rotated by their absolute sequence position (`position + t`, also when
+  decoding with a cache) before attention.
+  """
   n_head: int
   n_embd: int
   n_unmasked: int = 0
@@ -172,6 +264,10 @@ class CausalSelfAttention(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
   deterministic: bool = True
+  position_embedding: str = "learned"
+  rope_base: float = 10000.0
+  rope_grid: tuple = ()
+  rope_prefix: int = 1
 
   @nn.compact
   def __call__(self, x: Array, cache: Cache | None = None,
@@ -196,6 +292,13 @@ class CausalSelfAttention(nn.Module):
     q = dense(name="query")(x).reshape(b, t, h, d)
     k = dense(name="key")(x).reshape(b, t, h, d)
     v = dense(name="value")(x).reshape(b, t, h, d)
+    if self.position_embedding in ("rope", "rope2d"):
+      start_pos = jnp.zeros((), jnp.int32) if position is None else position
+      grid_w = (self.rope_grid[1] if self.position_embedding == "rope2d"
+                else None)
+      angles = rope_angles(start_pos + jnp.arange(t), d, self.rope_base,
+                           grid_width=grid_w, prefix_len=self.rope_prefix)
+      q, k = apply_rope(q, angles), apply_rope(k, angles)
     drop = None
     if self.attn_pdrop > 0 and not self.deterministic:
       drop = nn.Dropout(self.attn_pdrop)
@@ -250,8 +353,47 @@ class MLP(nn.Module):
     return nn.Dropout(self.resid_pdrop)(x, deterministic=self.deterministic)
 
 
+def swiglu_hidden(n_embd: int) -> int:
+  """SwiGLU width: 8/3 * n_embd rounded up to a multiple of 8, so that its
+  three matrices hold about as many weights as the GELU MLP's two."""
+  return -(-8 * n_embd // 24) * 8
+
+
+class SwiGLU(nn.Module):
+  """Gated MLP without biases: down(silu(gate(x)) * up(x)) -> dropout."""
+  n_embd: int
+  resid_pdrop: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, kernel_init=_INIT)
+    hidden = swiglu_hidden(self.n_embd)
+    y = nn.silu(dense(hidden, name="gate")(x)) * dense(hidden, name="up")(x)
+    y = dense(self.n_embd, name="down")(y)
+    return nn.Dropout(self.resid_pdrop)(y, deterministic=self.deterministic)
+
+
+def _norm(kind: str, dtype: Any, param_dtype: Any, name: str) -> nn.Module:
+  """The reference's LayerNorm (eps 1e-5) or RMSNorm (eps 1e-6, scale only)."""
+  if kind == "rmsnorm":
+    return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+                      name=name)
+  if kind == "layernorm":
+    return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype,
+                        name=name)
+  raise ValueError(f"norm={kind!r}; valid: {NORMS}")
+
+
 class Block(nn.Module):
-  """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+  """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x)).
+
+  The reference block by default; `norm='rmsnorm'`, `mlp='swiglu'` and
+  rotary `position_embedding` give a Llama-style block.
+  """
   n_head: int
   n_embd: int
   n_unmasked: int = 0
@@ -261,6 +403,12 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: str | None = None
   deterministic: bool = True
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  position_embedding: str = "learned"
+  rope_base: float = 10000.0
+  rope_grid: tuple = ()
+  rope_prefix: int = 1
 
   @nn.compact
   def __call__(self, x: Array, cache: Cache | None = None,
@@ -275,17 +423,20 @@ class Block(nn.Module):
     Returns:
       The new residual stream and the updated cache (or None).
     """
-    norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    norm = functools.partial(_norm, self.norm, self.dtype, self.param_dtype)
     y, cache = CausalSelfAttention(
         n_head=self.n_head, n_embd=self.n_embd, n_unmasked=self.n_unmasked,
         attn_pdrop=self.attn_pdrop, resid_pdrop=self.resid_pdrop,
         dtype=self.dtype, param_dtype=self.param_dtype,
         attention_impl=self.attention_impl, deterministic=self.deterministic,
-        name="attn")(norm(name="ln1")(x), cache, position)
+        position_embedding=self.position_embedding, rope_base=self.rope_base,
+        rope_grid=self.rope_grid, rope_prefix=self.rope_prefix,
+        name="attn")(norm("ln1")(x), cache, position)
     x = x + y
-    x = x + MLP(self.n_embd, self.resid_pdrop, self.dtype, self.param_dtype,
-                self.deterministic, name="mlp")(norm(name="ln2")(x))
+    mlp_cls = SwiGLU if self.mlp == "swiglu" else MLP
+    x = x + mlp_cls(self.n_embd, self.resid_pdrop, self.dtype,
+                    self.param_dtype, self.deterministic,
+                    name="mlp")(norm("ln2")(x))
     return x, cache
 
 
@@ -307,6 +458,16 @@ class GPT(nn.Module):
     remat: rematerialise each block in the backward pass.
     scan_layers: run the blocks with `nn.scan` (stacked parameters).
     attention_impl: `implementation` for `jax.nn.dot_product_attention`.
+    norm: 'layernorm' (reference) or 'rmsnorm' (blocks and `ln_f`).
+    mlp: 'gelu' (reference) or 'swiglu' (`SwiGLU`).
+    position_embedding: 'learned' (the reference's `pos_emb`), 'rope' (1D
+      rotary over the sequence) or 'rope2d' (rotary over the image grid's
+      rows and columns, see `grid_positions`; needs `rope_grid`). Rotary
+      models have no `pos_emb` parameter.
+    rope_base: rotary frequency base.
+    rope_grid: (h, w) image token grid, raster order ('rope2d').
+    rope_prefix: conditioning tokens before the image ('rope2d').
+    zero_head: initialise the output head to zero (uniform logits at init).
   """
   vocab_size: int
   block_size: int
@@ -322,6 +483,13 @@ class GPT(nn.Module):
   remat: bool = False
   scan_layers: bool = False
   attention_impl: str | None = None
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  position_embedding: str = "learned"
+  rope_base: float = 10000.0
+  rope_grid: tuple = ()
+  rope_prefix: int = 1
+  zero_head: bool = False
 
   def _block_kwargs(self, deterministic: bool) -> dict:
     return dict(n_head=self.n_head, n_embd=self.n_embd,
@@ -329,7 +497,30 @@ class GPT(nn.Module):
                 resid_pdrop=self.resid_pdrop, dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 attention_impl=self.attention_impl,
-                deterministic=deterministic)
+                deterministic=deterministic, norm=self.norm, mlp=self.mlp,
+                position_embedding=self.position_embedding,
+                rope_base=self.rope_base, rope_grid=tuple(self.rope_grid),
+                rope_prefix=self.rope_prefix)
+
+  def _check_options(self) -> None:
+    """Raises on option values that cannot work, naming the field."""
+    for field, value, valid in (
+        ("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
+        ("position_embedding", self.position_embedding,
+         POSITION_EMBEDDINGS)):
+      if value not in valid:
+        raise ValueError(f"GPT {field}={value!r}; valid: {valid}")
+    head_dim = self.n_embd // self.n_head
+    if self.position_embedding == "rope" and head_dim % 2:
+      raise ValueError(f"position_embedding='rope' needs an even head width; "
+                       f"n_embd / n_head = {head_dim}")
+    if self.position_embedding == "rope2d":
+      if head_dim % 4:
+        raise ValueError("position_embedding='rope2d' needs a head width "
+                         f"divisible by 4; n_embd / n_head = {head_dim}")
+      if len(self.rope_grid) != 2:
+        raise ValueError("position_embedding='rope2d' needs rope_grid=(h, w),"
+                         f" the image token grid; got {self.rope_grid!r}")
 
   @nn.compact
   def __call__(self, tokens: Array, *, deterministic: bool = True,
@@ -355,17 +546,21 @@ class GPT(nn.Module):
     if t > self.block_size:
       raise ValueError(f"sequence length {t} exceeds block_size "
                        f"{self.block_size}")
+    self._check_options()
     x = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype,
                  param_dtype=self.param_dtype, embedding_init=_INIT,
                  name="tok_emb")(tokens)
-    pos_emb = self.param("pos_emb", nn.initializers.zeros,
-                         (1, self.block_size, self.n_embd), self.param_dtype)
     position = jnp.asarray(position, jnp.int32)
-    if cache is None:
-      pe = pos_emb[:, :t]
-    else:
-      pe = jax.lax.dynamic_slice_in_dim(pos_emb, position, t, axis=1)
-    x = (x + pe).astype(self.dtype)
+    if self.position_embedding == "learned":
+      pos_emb = self.param("pos_emb", nn.initializers.zeros,
+                           (1, self.block_size, self.n_embd),
+                           self.param_dtype)
+      if cache is None:
+        pe = pos_emb[:, :t]
+      else:
+        pe = jax.lax.dynamic_slice_in_dim(pos_emb, position, t, axis=1)
+      x = x + pe
+    x = x.astype(self.dtype)
     x = nn.Dropout(self.embd_pdrop)(x, deterministic=deterministic)
 
     block_cls = Block
@@ -392,10 +587,10 @@ class GPT(nn.Module):
         if cache is not None:
           new_cache[name] = layer_cache
 
-    x = nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32,
-                     param_dtype=self.param_dtype, name="ln_f")(x)
+    x = _norm(self.norm, jnp.float32, self.param_dtype, "ln_f")(x)
+    head_init = nn.initializers.zeros if self.zero_head else _INIT
     logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,
-                      param_dtype=self.param_dtype, kernel_init=_INIT,
+                      param_dtype=self.param_dtype, kernel_init=head_init,
                       name="head")(x.astype(jnp.float32))
     logits = logits.astype(jnp.float32)
     if cache is None:

@@ -21,12 +21,29 @@ def vqgan_config() -> ml_collections.ConfigDict:
       attn_resolutions=(16,), dropout=0.0, in_channels=3, resolution=256,
       z_channels=256, n_embed=1024, embed_dim=256, quantizer="vq", beta=0.25,
       legacy_loss=True, kl_weight=1e-8, temperature=1.0,
+      # Quantizer options beyond the reference (defaults = the reference's
+      # VectorQuantizer); see vqgan_jax/vqgan.py and quantizers.py.
+      # quantizer: 'vq' | 'gumbel' | 'fsq' (fsq_levels) | 'lfq' (2**bits codes)
+      codebook_dim=0, l2_codes=False, codebook_update="loss",
+      codebook_ema_decay=0.99, codebook_ema_eps=1e-5, dead_code_threshold=0.0,
+      entropy_weight=0.0, entropy_temperature=0.01, fsq_levels=(8, 5, 5, 5),
+      quantizer_grad="ste",
       dtype="float32", param_dtype="float32"))
 
   c.loss = ml_collections.ConfigDict(dict(
       disc_start=250001, disc_weight=0.8, disc_factor=1.0,
       codebook_weight=1.0, perceptual_weight=1.0, disc_loss="hinge",
-      lpips_vgg_path="", lpips_lin_path=""))
+      lpips_vgg_path="", lpips_lin_path="",
+      # GAN options beyond the reference (defaults = the reference).
+      # 'adaptive': the reference's gradient-norm ratio times disc_weight;
+      # 'fixed': the GAN term weighs exactly gan_weight.
+      gan_weight_mode="adaptive", gan_weight=0.1,
+      # D trains from disc_start; its loss reaches G from disc_start +
+      # disc_warmup_steps ('hold') or ramps up over them ('linear').
+      disc_warmup_steps=0, disc_warmup_mode="hold",
+      # LeCam regulariser on D (EMA of D's real/fake outputs) and R1
+      # gradient penalty on real images (r1_weight = gamma / 2).
+      lecam_weight=0.0, lecam_decay=0.999, r1_weight=0.0))
   c.disc = ml_collections.ConfigDict(dict(n_layers=3, ndf=64,
                                           use_actnorm=False))
   c.optim = ml_collections.ConfigDict(dict(
@@ -82,7 +99,12 @@ def transformer_config() -> ml_collections.ConfigDict:
       n_layer=48, n_head=24, n_embd=1536, block_size=0,  # 0: fit the sequence
       embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0,
       dtype="float32", param_dtype="float32", remat=False, scan_layers=False,
-      attention_impl=None))
+      attention_impl=None,
+      # Options beyond the reference (defaults = the reference's block):
+      # norm 'layernorm'|'rmsnorm', mlp 'gelu'|'swiglu', position_embedding
+      # 'learned'|'rope'|'rope2d' (2D rotary over the code grid), zero_head.
+      norm="layernorm", mlp="gelu", position_embedding="learned",
+      rope_base=10000.0, zero_head=False))
   c.gpt.attention_impl = ml_collections.FieldReference(None, field_type=str)
   c.optim = ml_collections.ConfigDict(dict(
       lr_scaling="reference", base_learning_rate=4.5e-6, learning_rate=3e-4,

@@ -33,6 +33,7 @@ from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import sharding as shard_lib
+from vqgan_jax.training import validation
 from vqgan_jax.training.loop import to_host
 
 PyTree = Any
@@ -131,6 +132,12 @@ def build_model(config, layout: Layout) -> gpt_lib.GPT:
   if g["n_embd"] % g["n_head"]:
     raise ValueError(f"config.gpt.n_embd={g['n_embd']} is not divisible by "
                      f"n_head={g['n_head']}")
+  if g.get("position_embedding") == "rope2d":
+    if config.permuter != "identity":
+      raise ValueError("config.gpt.position_embedding='rope2d' places tokens "
+                       "by raster order; it needs config.permuter='identity' "
+                       f"(got {config.permuter!r}), or use 'rope'/'learned'")
+    g.update(rope_grid=tuple(layout.grid), rope_prefix=layout.cond_len)
   return config_io.from_config(gpt_lib.GPT, dict(
       g, vocab_size=layout.vocab_size, block_size=block))
 
@@ -365,7 +372,7 @@ def validate_config(config) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> Dict[str, Any]:
   """Trains (or resumes) a stage-2 GPT in ``workdir``; returns last metrics."""
-  validate_config(config)
+  validation.validate_transformer(config, extra=validate_config)
   workdir = os.path.abspath(workdir)
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   n_dev = mesh.devices.size
@@ -436,18 +443,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   progress = loop.Progress(primary, start, config.num_train_steps)
   step, last = start, {}
   tokens_per_step = config.batch_size * layout.image_len
+  guard = loop.NonFiniteGuard(config, ckpt, state["bad_steps"])
   try:
     while step < config.num_train_steps:
       batch = _global_batch(train, train_cond, step, config, batch_sh)
       state, m = step_fn(state, batch)
       step += 1
+      guard.update(step, m)
       timer.add(1)
       progress(1)
       if step % config.log_every == 0 or step == config.num_train_steps:
         m = jax.device_get(m)
-        loop.check_finite(state, config, ckpt, step)
+        guard.flush()
         steps_per_sec = timer.rate()
         extra = {"tokens_per_sec": steps_per_sec * tokens_per_step,
+                 "skipped_total": guard.total,
                  "code_entropy": entropy}
         if flops and peak:
           extra["mfu"] = flops * steps_per_sec / (peak * 1e12 * n_dev)
@@ -467,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
               os.path.join(workdir, "images", f"samples_{step:07d}.png"),
               metrics_lib.image_grid(imgs, ncol=ncol))
       if loop.save_or_stop(ckpt, state, step, config, preempt,
-                           {"step": step}):
+                           {"step": step}, guard=guard):
         break
     digest.write_replica_digest(workdir, state["params"])
   finally:

@@ -35,6 +35,7 @@ from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import sharding as shard_lib
+from vqgan_jax.training import validation
 
 PyTree = Any
 
@@ -98,7 +99,8 @@ def _disc_variables(disc, rng, config):
 def init_state(model, disc, tx_g, tx_d, config, rng) -> PyTree:
   """A fresh train state (call under jit with out_shardings)."""
   r_model, r_disc, r_state = jax.random.split(rng, 3)
-  params = vqgan_lib.init_variables(model, r_model)["params"]
+  variables = vqgan_lib.init_variables(model, r_model)
+  params = variables["params"]
   dvars = dict(_disc_variables(disc, r_disc, config))
   disc_params = dvars.pop("params")
   state = {
@@ -113,6 +115,11 @@ def init_state(model, disc, tx_g, tx_d, config, rng) -> PyTree:
   }
   if config.optim.ema_decay:
     state["ema_params"] = params
+  if "quantizer_stats" in variables:  # EMA codebook statistics
+    state["quantizer_stats"] = variables["quantizer_stats"]
+  if config.loss.get("lecam_weight", 0.0):
+    state["lecam_ema"] = {"real": jnp.zeros((), jnp.float32),
+                          "fake": jnp.zeros((), jnp.float32)}
   return state
 
 
@@ -131,6 +138,9 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
   lc = config.loss
   ema = config.optim.ema_decay
   n_embed = model.n_embed
+  fixed_gan_weight = lc.get("gan_weight_mode", "adaptive") == "fixed"
+  lecam_weight = float(lc.get("lecam_weight", 0.0))
+  r1_weight = float(lc.get("r1_weight", 0.0))
 
   def step(state, batch, lpips_vars):
     x = batch["image"].astype(jnp.float32)
@@ -138,18 +148,34 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
     r_drop, r_drop2, r_gumbel = jax.random.split(rng, 3)
     disc_factor = losses.adopt_weight(lc.disc_factor, state["step"],
                                       lc.disc_start)
+    warmup = losses.gan_warmup_factor(state["step"], lc.disc_start,
+                                      lc.get("disc_warmup_steps", 0),
+                                      lc.get("disc_warmup_mode", "hold"))
     params = state["params"]
     dparams = state["disc_params"]
 
-    # Generator up to the last conv, with a VJP for the backward pass.
+    # Generator up to the last conv, with a VJP for the backward pass. An
+    # EMA codebook updates its 'quantizer_stats' from this (global) batch.
+    qstats = state.get("quantizer_stats")
+
     def trunk(p):
-      z_q, aux = model.apply({"params": p}, x, train=True, method=model.encode,
-                             rngs={"dropout": r_drop, "gumbel": r_gumbel})
+      rngs = {"dropout": r_drop, "gumbel": r_gumbel,
+              "quantizer": jax.random.fold_in(r_gumbel, 1)}
+      if qstats is None:
+        z_q, aux = model.apply({"params": p}, x, train=True,
+                               method=model.encode, rngs=rngs)
+        new_qstats = None
+      else:
+        (z_q, aux), upd = model.apply(
+            {"params": p, "quantizer_stats": qstats}, x, train=True,
+            method=model.encode, rngs=rngs, mutable=["quantizer_stats"])
+        new_qstats = upd["quantizer_stats"]
       h = model.apply({"params": p}, z_q, train=True,
                       method=model.decode_features, rngs={"dropout": r_drop2})
-      return (h, aux["q_loss"]), aux["indices"]
+      return (h, aux["q_loss"]), (aux["indices"], new_qstats)
 
-    (h, q_loss), trunk_vjp, indices = jax.vjp(trunk, params, has_aux=True)
+    (h, q_loss), trunk_vjp, (indices, new_qstats) = jax.vjp(
+        trunk, params, has_aux=True)
     head = params["decoder"]["conv_out"]
 
     def apply_head(kernel, bias, h):
@@ -182,9 +208,12 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
     d_g, = terms_vjp((jnp.zeros_like(nll), jnp.ones_like(g_loss)))
     nll_grad_w = head_vjp(d_nll)[0]
     g_grad_w = head_vjp(d_g)[0]
-    d_weight = losses.adaptive_disc_weight(nll_grad_w, g_grad_w,
-                                           lc.disc_weight)
-    coef = d_weight * disc_factor
+    if fixed_gan_weight:
+      d_weight = jnp.asarray(lc.gan_weight, jnp.float32)
+    else:
+      d_weight = losses.adaptive_disc_weight(nll_grad_w, g_grad_w,
+                                             lc.disc_weight)
+    coef = d_weight * disc_factor * warmup
     loss = nll + coef * g_loss + lc.codebook_weight * q_loss
     g_kernel, g_bias, g_h = head_vjp(d_nll + coef * d_g)
     grads, = trunk_vjp((g_h, jnp.asarray(lc.codebook_weight, q_loss.dtype)))
@@ -195,16 +224,32 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
 
     def disc_loss_fn(dp):
       variables = {"params": dp, **disc_state}
-      lr_, upd = disc.apply(variables, x, train=True,
-                            mutable=list(disc_state.keys()))
+      real_fn = lambda im: disc.apply(variables, im, train=True,
+                                      mutable=list(disc_state.keys()))
+      regs = {}
+      if r1_weight:
+        regs["r1_penalty"], (lr_, upd) = losses.r1_penalty(real_fn, x,
+                                                           has_aux=True)
+      else:
+        lr_, upd = real_fn(x)
       lf_, upd = disc.apply({"params": dp, **upd}, fake, train=True,
                             mutable=list(disc_state.keys()))
       d_loss, m = losses.vqgan_discriminator_loss(
           lr_, lf_, state["step"], disc_factor=lc.disc_factor,
           disc_start=lc.disc_start, disc_loss=lc.disc_loss)
-      return d_loss, (upd, m["logits_real"], m["logits_fake"])
+      if lecam_weight:
+        ema_ = state["lecam_ema"]
+        regs["lecam_loss"] = losses.lecam_penalty(lr_, lf_, ema_["real"],
+                                                  ema_["fake"])
+        regs["lecam_ema"] = losses.lecam_ema_update(ema_, lr_, lf_,
+                                                    lc.lecam_decay)
+      # The regularisers train D only when its loss does (from disc_start).
+      d_loss = d_loss + disc_factor * (
+          lecam_weight * regs.get("lecam_loss", 0.0) +
+          r1_weight * regs.get("r1_penalty", 0.0))
+      return d_loss, (upd, m["logits_real"], m["logits_fake"], regs)
 
-    (d_loss, (disc_state, logits_real, logits_fake)), d_grads = (
+    (d_loss, (disc_state, logits_real, logits_fake, regs)), d_grads = (
         jax.value_and_grad(disc_loss_fn, has_aux=True)(dparams))
 
     # Apply both updates unless something is not finite.
@@ -213,6 +258,8 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
               & jnp.isfinite(d_norm))
     updates, opt_state = tx_g.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
+    if qstats is not None:
+      new_params = quantizers.with_ema_codebooks(new_params, new_qstats)
     d_updates, d_opt_state = tx_d.update(d_grads, state["disc_opt_state"],
                                          dparams)
     new_dparams = optax.apply_updates(dparams, d_updates)
@@ -228,6 +275,11 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
         disc_opt_state=keep(d_opt_state, state["disc_opt_state"]),
         bad_steps=jnp.where(finite, 0, state["bad_steps"] + 1),
     )
+    if qstats is not None:
+      new_state["quantizer_stats"] = keep(new_qstats, qstats)
+    if lecam_weight:
+      new_state["lecam_ema"] = keep(regs.pop("lecam_ema"),
+                                    state["lecam_ema"])
     if ema:
       new_state["ema_params"] = keep(jax.tree.map(
           lambda e, p: ema * e + (1 - ema) * p, state["ema_params"],
@@ -242,6 +294,9 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
         "perplexity": quantizers.perplexity(indices, n_embed),
         "skipped": 1 - finite.astype(jnp.int32),
     }
+    metrics.update(regs)
+    if lc.get("disc_warmup_steps", 0):
+      metrics["gan_warmup"] = warmup
     return new_state, metrics
 
   return step
@@ -288,9 +343,27 @@ def validate_config(config) -> None:
   if m.quantizer not in vqgan_lib.QUANTIZERS:
     raise ValueError(f"config.model.quantizer={m.quantizer!r}; valid: "
                      f"{vqgan_lib.QUANTIZERS}")
+  vqgan_lib.check_quantizer_options(m)
   if config.loss.disc_loss not in ("hinge", "vanilla"):
     raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; "
                      "valid: 'hinge', 'vanilla'")
+  lc = config.loss
+  mode = lc.get("gan_weight_mode", "adaptive")
+  if mode not in losses.GAN_WEIGHT_MODES:
+    raise ValueError(f"config.loss.gan_weight_mode={mode!r}; valid: "
+                     f"{losses.GAN_WEIGHT_MODES}")
+  wmode = lc.get("disc_warmup_mode", "hold")
+  if wmode not in losses.WARMUP_MODES:
+    raise ValueError(f"config.loss.disc_warmup_mode={wmode!r}; valid: "
+                     f"{losses.WARMUP_MODES}")
+  for name in ("gan_weight", "disc_warmup_steps", "lecam_weight",
+               "r1_weight"):
+    if lc.get(name, 0) < 0:
+      raise ValueError(f"config.loss.{name}={lc.get(name)} is negative; "
+                       "use a value >= 0 (0 turns the option off)")
+  if not 0.0 <= lc.get("lecam_decay", 0.999) < 1.0:
+    raise ValueError(f"config.loss.lecam_decay={lc.lecam_decay} must be in "
+                     "[0, 1), e.g. 0.999")
   if config.batch_size <= 0 or config.num_train_steps < 0:
     raise ValueError("config.batch_size must be > 0 and num_train_steps >= 0")
   learning_rate(config)
@@ -330,6 +403,9 @@ def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
   params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                         variables["params"], state["params"])
   state = dict(state, params=params)
+  if "quantizer_stats" in state:  # EMA statistics follow the loaded codes
+    state["quantizer_stats"] = quantizers.ema_stats_from_params(
+        params, state["quantizer_stats"], model.l2_codes)
   if "discriminator" in extras:
     dv = dict(extras["discriminator"])
     dp = dv.pop("params")
@@ -445,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> Dict[str, Any]:
   """Trains (or resumes) a VQGAN in ``workdir``; returns the last metrics."""
   from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  validate_config(config)
+  validation.validate_vqgan(config, extra=validate_config)
   workdir = os.path.abspath(workdir)
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   _check_batch(config, mesh)
@@ -495,17 +571,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   last: Dict[str, Any] = {}
   step = start_step
   progress = loop.Progress(primary, start_step, config.num_train_steps)
+  guard = loop.NonFiniteGuard(config, ckpt, state["bad_steps"])
   try:
     while step < config.num_train_steps:
       batch = next(batches)
       state, m = run.step_fn(state, {"image": batch["image"]}, run.lpips_vars)
       step += 1
+      guard.update(step, m)
       timer.add(config.batch_size)
       progress(1)
       if step % config.log_every == 0 or step == config.num_train_steps:
         m = jax.device_get(m)
-        loop.check_finite(state, config, ckpt, step)
+        guard.flush()
         last = writer.write(step, dict(m, img_per_sec=timer.rate(),
+                                       skipped_total=guard.total,
                                        **train_ds.stats))
       if config.image_every and step % config.image_every == 0:
         rec = to_host(run.eval_fn(state["params"], batch["image"])[0])
@@ -517,7 +596,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                       run.batch_sharding, run.model.n_embed)
         last.update(writer.write(step, em))
       if loop.save_or_stop(ckpt, state, step, config, preempt,
-                           {"step": step, "dataset": config.dataset}):
+                           {"step": step, "dataset": config.dataset},
+                           guard=guard):
         break
     digest.write_replica_digest(workdir, state["params"])
   finally:
