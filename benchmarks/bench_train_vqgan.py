@@ -28,6 +28,7 @@ is steadier there. The per-step times are printed to show the spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -55,7 +56,21 @@ def trunk(size: int, small: bool, n_embed: int):
   return dd, n_embed, 256
 
 
-def build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr):
+def images(size: int, batch: int) -> np.ndarray:
+  """(batch, size, size, 3) float32 images: 16x16 blocks plus noise."""
+  rng = np.random.default_rng(1)
+  base = rng.uniform(-1, 1, (batch, size // 16, size // 16, 3))
+  x = np.repeat(np.repeat(base, 16, 1), 16, 2).astype(np.float32)
+  return x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+
+
+def build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr,
+                    device="cpu"):
+  """``step(xt, amp=nullcontext) -> [aeloss, discloss]`` of the reference.
+
+  Forward passes and losses run inside ``with amp():`` (e.g. autocast),
+  backward and the optimiser steps outside it.
+  """
   import reference_ckpt as rc  # tests/ helper
   import taming.modules.losses.lpips as ref_lpips
   # Offline LPIPS: our random VGG16 trunk and the lpips package's lin heads.
@@ -68,20 +83,21 @@ def build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr):
           "params": dict(disc_conditional=False, disc_in_channels=3,
                          disc_start=0, disc_weight=0.8, codebook_weight=1.0)}
   cfg = rc.vq_model_config(dd, n_embed, embed_dim, lossconfig=loss)
-  ref = rc.build_reference(cfg, seed=0).train()
+  ref = rc.build_reference(cfg, seed=0).to(device).train()
   ref.learning_rate = lr
   opts, _ = ref.configure_optimizers()
   groups = [[p for g in o.param_groups for p in g["params"]] for o in opts]
 
-  def step(xt):
+  def step(xt, amp=contextlib.nullcontext):
     out = []
     for idx, opt in enumerate(opts):
       for j, ps in enumerate(groups):  # Lightning's toggle_optimizer
         for p in ps:
           p.requires_grad_(j == idx)
-      xrec, qloss = ref(xt)
-      loss, _ = ref.loss(qloss, xt, xrec, idx, 0,
-                         last_layer=ref.get_last_layer(), split="train")
+      with amp():
+        xrec, qloss = ref(xt)
+        loss, _ = ref.loss(qloss, xt, xrec, idx, 0,
+                           last_layer=ref.get_last_layer(), split="train")
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -92,6 +108,7 @@ def build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr):
 
 
 def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x):
+  """``(step, compile seconds, compiled)`` of our stage-1 trainer's step."""
   from vqgan_jax.training import defaults
   from vqgan_jax.training import sharding
   from vqgan_jax.training import vqgan_trainer as vt
@@ -119,7 +136,7 @@ def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x):
     holder["state"], m = compiled[0](holder["state"], batch_, run.lpips_vars)
     return jax.block_until_ready(m)
 
-  return step, compile_s
+  return step, compile_s, compiled[0]
 
 
 def main(argv=None):
@@ -149,17 +166,14 @@ def main(argv=None):
   torch.save(vgg.state_dict(), vgg_path)
 
   dd, n_embed, embed_dim = trunk(args.size, args.small, args.n_embed)
-  rng = np.random.default_rng(1)
-  base = rng.uniform(-1, 1, (args.batch, args.size // 16, args.size // 16, 3))
-  x = np.repeat(np.repeat(base, 16, 1), 16, 2).astype(np.float32)
-  x += 0.1 * rng.normal(size=x.shape).astype(np.float32)
+  x = images(args.size, args.batch)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   lr = 4.5e-6 * args.batch
 
   ref_step = build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr)
-  ours32, c32 = build_ours(dd, n_embed, embed_dim, args.batch, "float32",
+  ours32, c32, _ = build_ours(dd, n_embed, embed_dim, args.batch, "float32",
                            vgg_path, lin_path, x)
-  ours16, c16 = build_ours(dd, n_embed, embed_dim, args.batch, "bfloat16",
+  ours16, c16, _ = build_ours(dd, n_embed, embed_dim, args.batch, "bfloat16",
                            vgg_path, lin_path, x)
   shutil.rmtree(tmp)  # the 528 MB VGG16 file is loaded by now
   last = {}

@@ -1,0 +1,179 @@
+r"""Side-by-side benchmarks of vqgan-jax and the reference: one table.
+
+    python -m benchmarks                      # this machine's preset
+    python -m benchmarks --tiny               # tiny configs (checks the script)
+    python -m benchmarks --only=sampling,encode_decode --dtype=float32 \
+        --out=BENCHMARKS.md
+    python -m benchmarks --merge a.json b.json --out=table.md
+
+Rows: stage-1 training images/s, stage-2 training tokens/s, sampling
+tokens/s and encode+decode images/s, for ours (``--dtype``) and the
+reference (``--ref``: ``float32`` and/or ``autocast`` = torch.autocast to
+bfloat16), on the same configs and batches, alternating after warm-up,
+medians; the ratio to the reference's float32; compile time; peak memory
+(ours: XLA's memory plan of the compiled call; the reference:
+torch.cuda.max_memory_allocated on GPU, n/a on CPU); FLOPs per call from
+XLA's cost analysis and the MFU against the device's peak (table.PEAKS; on
+CPU against a measured float32 matmul rate).
+
+Every section is independent: an error prints and the rest still run. Each
+section's table prints as soon as it finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+from benchmarks import suite  # noqa: E402
+from benchmarks import table  # noqa: E402
+
+
+def _csv(s: str):
+  return tuple(x for x in s.split(",") if x)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m benchmarks",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--tiny", action="store_true",
+                 help="tiny configs (minutes on an idle CPU: checks the harness)")
+  p.add_argument("--preset", choices=sorted(suite.PRESETS), default=None,
+                 help="default: tiny with --tiny, else gpu or cpu by backend")
+  p.add_argument("--only", type=_csv, default=suite.SECTIONS,
+                 help=f"comma-separated subset of {','.join(suite.SECTIONS)}")
+  p.add_argument("--dtype", type=_csv, default=("float32", "bfloat16"),
+                 help="our compute dtypes")
+  p.add_argument("--ref", type=_csv, default=None,
+                 help="reference precisions: float32,autocast (default: "
+                 "float32 on CPU, both on GPU; 'none' skips the reference)")
+  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--set", action="append", default=[], metavar="SEC.KEY=V",
+                 help="override a size, e.g. --set train_vqgan.size=128")
+  p.add_argument("--out", default="", help="also write the table here (md)")
+  p.add_argument("--json", default="", help="also write the rows here")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="print one table from earlier --json files and exit")
+  return p.parse_args(argv)
+
+
+def _sizes(preset: str, overrides) -> dict:
+  sizes = {k: dict(v) for k, v in suite.PRESETS[preset].items()
+           if isinstance(v, dict)}
+  for item in overrides:
+    key, _, value = item.partition("=")
+    sec, _, name = key.partition(".")
+    if sec not in sizes or name not in sizes[sec]:
+      raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE with "
+                       f"SECTION in {sorted(sizes)} and KEY one of that "
+                       "section's sizes")
+    old = sizes[sec][name]
+    sizes[sec][name] = (value.lower() in ("1", "true", "yes")
+                        if isinstance(old, bool) else type(old)(value))
+  return sizes
+
+
+def machine(cpu_peak=None) -> str:
+  dev = jax.devices()[0]
+  parts = [f"{platform.machine()}, {os.cpu_count()} CPU cores",
+           f"{len(jax.devices())} x {dev.platform}:{dev.device_kind}",
+           f"jax {jax.__version__}", f"python {platform.python_version()}"]
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    parts.append(f"torch {torch.__version__}")
+  except ImportError:
+    pass
+  if cpu_peak:
+    parts.append(f"MFU peak: measured f32 matmul {cpu_peak:.3g} TFLOP/s")
+  return ", ".join(parts)
+
+
+def render(rows, notes, header: str) -> str:
+  return "\n".join([header, "", table.format_rows(rows), ""] +
+                   [f"- {n}" for n in notes]) + "\n"
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.merge:
+    rows, notes, machines, cmds = [], [], [], []
+    for path in args.merge:
+      with open(path) as f:
+        r, n, m = table.from_json(f.read())
+      rows += r
+      notes += n
+      machines += [m["machine"]] if m.get("machine") not in machines else []
+      cmds.append(m.get("command", path))
+    text = render(rows, notes + [f"command: `{c}`" for c in cmds],
+                  "Machine: " + "; ".join(machines))
+    print(text, flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        f.write(text)
+    return 0
+
+  gpu = jax.default_backend() == "gpu"
+  preset = args.preset or ("tiny" if args.tiny else "gpu" if gpu else "cpu")
+  sizes = _sizes(preset, args.set)
+  ref = args.ref or (("float32", "autocast") if gpu else ("float32",))
+  ref = () if ref == ("none",) else ref
+  bad = set(ref) - {"float32", "autocast"}
+  if bad:
+    raise ValueError(f"--ref={','.join(ref)}: valid: float32, autocast, none")
+  bad = [d for d in args.dtype if d not in ("float32", "bfloat16")]
+  if bad:
+    raise ValueError(f"--dtype={','.join(args.dtype)}: valid: float32, "
+                     "bfloat16")
+  cpu_peak = None
+  if table.peaks()[0] is None:
+    cpu_peak = table.measure_cpu_matmul_tflops()
+  env = suite.Env(args.dtype, ref,
+                  args.repeats or suite.PRESETS[preset]["repeats"],
+                  args.warmup if args.warmup is not None
+                  else suite.PRESETS[preset]["warmup"], cpu_peak=cpu_peak)
+  cmd = "python -m benchmarks " + " ".join(argv if argv is not None
+                                           else sys.argv[1:])
+  header = (f"# `{cmd.strip()}` (preset {preset}), "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+            f"UTC\n\nMachine: {machine(cpu_peak)}")
+  print(header, flush=True)
+  rows, notes = [], []
+  for name in args.only:
+    print(f"\n## {name} ...", flush=True)
+    try:
+      r, n = suite.run_section(name, env, sizes[name])
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      n, r = [f"{name}: FAILED: {type(e).__name__}: {e}"], []
+    if cpu_peak and r:
+      n.append(f"{name}: MFU on CPU is against a float32 matmul rate of "
+               f"{cpu_peak:.3g} TFLOP/s measured at start-up")
+    rows += r
+    notes += n
+    print(table.format_rows(r) if r else "", flush=True)
+    for line in n:
+      print(f"- {line}", flush=True)
+  text = render(rows, notes, header)
+  if len(args.only) > 1:
+    print("\n" + text, flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(table.to_json(rows, notes, {
+          "header": header, "machine": machine(),
+          "command": cmd.strip()}))
+  return 0 if rows else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The benchmark table on one GPU, without network, in under 8 minutes:
+# ours in float32 and bfloat16, the reference in float32 and under
+# torch.autocast(bfloat16), each section in its own process with a time
+# limit (a failing or slow section prints its error and the rest go on).
+#
+#   bash benchmarks/gpu.sh            # one H100-class GPU (preset gpu)
+#   bash benchmarks/gpu.sh --tiny     # or TINY=1: tiny configs, e.g. on CPU
+#
+# Pure-Python packages missing on the machine (ml_collections, the
+# reference taming-transformers-rom1504, omegaconf, lpips) travel as wheels
+# in .whl/ (see BENCHMARKS.md for the download command); they are installed
+# into $SITE (default /tmp/site) and the repository runs from PYTHONPATH,
+# without `pip install -e`. With OUT set, the log and the table are written
+# to $OUT/ as well as printed.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+TINY=${TINY:-0}
+[ "${1:-}" = "--tiny" ] && TINY=1
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+START=$(date +%s)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$SITE" .whl/*.whl || echo "gpu.sh: wheel install failed"
+fi
+export PYTHONPATH="$SITE:$PWD"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch shares the GPU
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+RES=${OUT:-}
+WORK=$(mktemp -d)
+LOG=${RES:+$RES/gpu_log.txt}
+LOG=${LOG:-$WORK/gpu_log.txt}
+[ -n "$RES" ] && mkdir -p "$RES"
+
+say() { echo "$@" | tee -a "$LOG"; }
+say "gpu.sh: $(date -u '+%F %T') UTC, tiny=$TINY, $("$PY" --version 2>&1)"
+command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | tee -a "$LOG"
+
+if [ "$TINY" = 1 ]; then
+  PRESET="--tiny"
+  BUDGET=${BUDGET_S:-1500}  # seconds for all sections together
+  SECTIONS="train_transformer:400:2 train_vqgan:600:2 sampling:400:2 encode_decode:400:2"
+else
+  PRESET="--preset=gpu"
+  BUDGET=${BUDGET_S:-460}
+  SECTIONS="train_transformer:130:10 train_vqgan:190:5 sampling:75:10 encode_decode:60:10"
+fi
+
+JSONS=()
+for spec in $SECTIONS; do
+  IFS=: read -r name limit repeats <<<"$spec"
+  left=$((BUDGET - ($(date +%s) - START)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 30 ]; then
+    say "gpu.sh: skipping $name (${left}s of the budget left)"
+    continue
+  fi
+  say "gpu.sh: $name (limit ${limit}s)"
+  timeout -k 10 "$limit" "$PY" -m benchmarks $PRESET --only="$name" \
+    --ref=float32,autocast --dtype=float32,bfloat16 --repeats="$repeats" \
+    --json="$WORK/$name.json" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ -f "$WORK/$name.json" ] && JSONS+=("$WORK/$name.json")
+  [ "$rc" -ne 0 ] && say "gpu.sh: $name exited with status $rc"
+done
+
+say ""
+say "gpu.sh: all sections, $(($(date +%s) - START)) s in all"
+if [ "${#JSONS[@]}" -gt 0 ]; then
+  "$PY" -m benchmarks --merge "${JSONS[@]}" \
+    --out="${RES:-$WORK}/gpu_table.md" 2>&1 | tee -a "$LOG"
+else
+  say "gpu.sh: no section produced results"
+fi
+rm -rf "$WORK"

@@ -1,0 +1,145 @@
+"""Stage-2 step in pieces, ours vs the reference, by CPU time per call.
+
+    python -m benchmarks.profile_transformer [--threads 1] [--repeats 3]
+
+Times forward, forward + backward and the full training step (and ours
+without the non-finite guard) of the bench_train_transformer workload
+(GPT 12 x 512, batch 8 x 256, vocab 1024, float32), alternating, medians.
+With ``--threads 1`` (torch.set_num_threads(1) and single-threaded XLA) the
+process CPU time of a call measures its work even on a loaded machine,
+where wall-clock times are not comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--threads", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--width", type=int, default=512)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--vocab", type=int, default=1024)
+  p.add_argument("--tokens", type=int, default=256)
+  p.add_argument("--batch", type=int, default=8)
+  a = p.parse_args(argv)
+  if a.threads == 1:  # must precede the first jax import
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false"
+                               " intra_op_parallelism_threads=1")
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from benchmarks import refcompat  # pylint: disable=import-outside-toplevel
+  from benchmarks import suite  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+
+  torch, _ = refcompat.reference()
+  torch.set_num_threads(a.threads)
+  rng = np.random.default_rng(0)
+  z = rng.integers(0, a.vocab, (a.batch, a.tokens))
+  c = rng.integers(0, 10, (a.batch, 1))
+  env = suite.Env(("float32",), ("float32",), 1, 0)
+  env._torch = (torch, "cpu")  # pylint: disable=protected-access
+  ref_step = suite._reference_gpt_step(  # pylint: disable=protected-access
+      env, a.layers, a.width, a.heads, a.vocab, a.tokens, z, c)
+  from taming.modules.transformer.mingpt import GPT as RefGPT  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  ref = RefGPT(a.vocab, a.tokens, n_layer=a.layers, n_head=a.heads,
+               n_embd=a.width)
+  zt, ct = torch.from_numpy(z), torch.from_numpy(c)
+
+  def ref_loss():
+    logits, _ = ref(torch.cat([ct, zt], 1)[:, :-1])
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, a.vocab), zt.reshape(-1))
+
+  def ref_fwd():
+    with torch.no_grad():
+      return ref_loss().item()
+
+  def ref_fwd_bwd():
+    ref.zero_grad(set_to_none=True)
+    loss = ref_loss()
+    loss.backward()
+    return loss.item()
+
+  cfg = defaults.transformer_config()
+  cfg.conditioning.num_classes = 10
+  cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
+  cfg.gpt.update(dict(n_layer=a.layers, n_head=a.heads, n_embd=a.width))
+  layout = tt.make_layout(cfg, a.vocab, (1, a.tokens))
+  model = tt.build_model(cfg, layout)
+  tx = tt.make_optimizer(cfg)
+  state = jax.jit(lambda r: tt.init_state(model, tx, r))(
+      jax.random.PRNGKey(0))
+  batch = {"codes": jnp.asarray(z.reshape(a.batch, 1, -1), jnp.int32),
+           "cond": jnp.asarray(c, jnp.int32)}
+  params = jax.tree.map(jnp.copy, state["params"])
+
+  def loss(params, batch):
+    seq = jnp.concatenate([batch["cond"], batch["codes"][:, 0]], 1)[:, :-1]
+    return gpt_lib.token_loss(model.apply({"params": params}, seq),
+                              batch["codes"][:, 0])
+
+  def no_guard(state, batch):
+    value, grads = jax.value_and_grad(loss)(state["params"], batch)
+    updates, opt = tx.update(grads, state["opt_state"], state["params"])
+    return dict(state, params=optax.apply_updates(state["params"], updates),
+                opt_state=opt), {"loss": value}
+
+  def stepper(fn):
+    compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
+    holder = {"s": jax.tree.map(jnp.copy, state)}
+
+    def run():
+      holder["s"], m = compiled(holder["s"], batch)
+      return jax.block_until_ready(m["loss"])
+
+    return run
+
+  fwd = jax.jit(loss).lower(params, batch).compile()
+  grad = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile()
+  step, _ = tt.make_train_step(model, tx, cfg, layout)
+  fns = {
+      "forward: reference": ref_fwd,
+      "forward: ours": lambda: jax.block_until_ready(fwd(params, batch)),
+      "forward + backward: reference": ref_fwd_bwd,
+      "forward + backward: ours": lambda: jax.block_until_ready(
+          grad(params, batch)),
+      "training step: reference": lambda: ref_step(
+          contextlib.nullcontext).item(),
+      "training step: ours": stepper(step),
+      "training step without the non-finite guard: ours": stepper(no_guard),
+  }
+  for fn in fns.values():
+    fn()
+  cpu = {k: [] for k in fns}
+  for _ in range(a.repeats):
+    for k, fn in fns.items():
+      t = time.process_time()
+      fn()
+      cpu[k].append(time.process_time() - t)
+  print(f"# GPT {a.layers} x {a.width}, batch {a.batch} x {a.tokens}, vocab "
+        f"{a.vocab}; {a.threads} thread(s); process CPU s per call, median "
+        f"of {a.repeats}")
+  print("| piece | CPU s | all |")
+  print("|---|---|---|")
+  for k, ts in cpu.items():
+    print(f"| {k} | {statistics.median(ts):.3f} | "
+          + ", ".join(f"{t:.3f}" for t in ts) + " |")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()

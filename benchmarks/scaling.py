@@ -1,0 +1,95 @@
+r"""Expected throughput of the ImageNet recipes on 8 GPUs and a v5e-64 slice.
+
+    python -m benchmarks.scaling --stage1_images_per_s=40 --stage2_mfu=0.45
+
+Inputs are single-device measurements (``benchmarks/gpu.sh``): stage-1
+training images/s on one H100 at the recipe's per-device batch, and the
+stage-2 MFU of the bfloat16 GPT. Stage 2 is projected to the 1.4B cIN GPT
+(configs/imagenet_transformer.py) through its model FLOPs; TPU v5e numbers
+assume the same MFU against v5e's peak (an assumption, not a measurement).
+
+Communication per step follows ``training/sharding.py``'s mesh: with
+``data`` only, an all-reduce of the float32 gradients (2 (n-1)/n x bytes per
+device); with ``fsdp``, an all-gather of the parameters for the forward pass
+and again for the backward pass plus a reduce-scatter of the gradients
+(3 (n-1)/n x bytes). Step time is bounded below by max(compute, comm) when
+XLA overlaps the collectives and above by compute + comm.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from benchmarks import suite
+
+# Effective per-device collective bandwidth (GB/s), approximate: H100 SXM
+# NVLink 4 is 900 GB/s bidirectional per GPU (450 each way; NCCL's bus
+# bandwidth on 8 GPUs is typically ~350-400); TPU v5e ICI is 1,600 Gbps per
+# chip (200 GB/s over its 4 links), about half usable by one collective on
+# the 8x8 torus.
+LINKS = {"8x H100 (NVLink)": (8, 989.0, 350.0),
+         "v5e-64 (ICI)": (64, 197.0, 100.0)}
+
+
+@dataclasses.dataclass
+class Recipe:
+  name: str
+  params: float          # trained parameters (generator + discriminator)
+  flops_per_item: float  # training FLOPs per image or per token
+  item: str
+  batch_per_device: int
+  mesh: str              # 'data' or 'fsdp'
+
+
+def stage2_recipe() -> Recipe:
+  layers, width, vocab, tokens = 48, 1536, 16384, 256
+  flops = suite.gpt_train_flops(layers, width, vocab, tokens, 1) / tokens
+  params = 12 * layers * width ** 2 + 2 * width * vocab
+  return Recipe("stage 2: cIN GPT 48x1536 (1.4B), 256 tokens", params, flops,
+                "tokens", 16 * tokens, "fsdp")
+
+
+def project(recipe: Recipe, per_device_rate: float, n: int, comm_gbs: float,
+            rate_scale: float = 1.0):
+  """(compute s, comm s, overlapped rate, serial rate) for n devices."""
+  rate = per_device_rate * rate_scale
+  compute = recipe.batch_per_device / rate
+  factor = 3.0 if recipe.mesh == "fsdp" else 2.0
+  comm = factor * (n - 1) / n * 4 * recipe.params / (comm_gbs * 1e9)
+  items = n * recipe.batch_per_device
+  return compute, comm, items / max(compute, comm), items / (compute + comm)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--stage1_images_per_s", type=float, required=True,
+                 help="one H100, stage-1 training, recipe batch")
+  p.add_argument("--stage1_params", type=float, default=74.9e6,
+                 help="generator 72.1M + discriminator 2.8M (f16 recipe)")
+  p.add_argument("--stage2_mfu", type=float, required=True,
+                 help="bfloat16 GPT training MFU measured on one H100")
+  p.add_argument("--label", default="measured",
+                 help="where the inputs came from (printed)")
+  args = p.parse_args(argv)
+  s2 = stage2_recipe()
+  s1 = Recipe("stage 1: f16 VQGAN 256x256 (LPIPS + PatchGAN)",
+              args.stage1_params, 0.0, "images", 12, "data")
+  print(f"Inputs ({args.label}): stage 1 {args.stage1_images_per_s:g} "
+        f"images/s per H100; stage 2 MFU {100 * args.stage2_mfu:.0f}%.\n")
+  print("| recipe | system | per-device batch | compute s/step | comm s/step "
+        "| throughput (overlapped .. serial) |")
+  print("|---|---|---|---|---|---|")
+  for system, (n, peak, gbs) in LINKS.items():
+    scale = peak / LINKS["8x H100 (NVLink)"][1]
+    c, m, hi, lo = project(s1, args.stage1_images_per_s, n, gbs, scale)
+    print(f"| {s1.name} | {system} | {s1.batch_per_device} | {c:.3f} | "
+          f"{m:.4f} | {hi:.0f} .. {lo:.0f} images/s |")
+    rate = args.stage2_mfu * peak * 1e12 / s2.flops_per_item
+    c, m, hi, lo = project(s2, rate, n, gbs)
+    print(f"| {s2.name} | {system} | {s2.batch_per_device} tokens | "
+          f"{c:.3f} | {m:.3f} | {hi / 1e3:.0f}k .. {lo / 1e3:.0f}k tokens/s "
+          f"({hi / 256:.0f} .. {lo / 256:.0f} images/s) |")
+
+
+if __name__ == "__main__":
+  main()

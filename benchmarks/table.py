@@ -1,0 +1,178 @@
+"""Rows, device peaks, XLA cost/memory analysis and the printed table."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak TFLOP/s per device by compute dtype, and HBM bandwidth (TB/s).
+# float32 on NVIDIA tensor-core GPUs: XLA's default matmul/conv precision
+# uses TF32, so its peak is the TF32 one (non-tensor FP32 in the comment).
+# Sources: NVIDIA H100/H200/A100 datasheets (SXM, dense), Google Cloud TPU
+# v5e page; all approximate.
+PEAKS = {
+    # kind substring: (bf16 TFLOP/s, f32-as-used TFLOP/s, TB/s)
+    "h200": (989.0, 494.0, 4.8),   # FP32 non-tensor 67
+    "h100": (989.0, 494.0, 3.35),  # SXM; FP32 non-tensor 67
+    "a100": (312.0, 156.0, 2.04),  # 80 GB SXM; FP32 non-tensor 19.5
+    "l4": (121.0, 60.0, 0.3),
+    "tpu v5 lite": (197.0, 197.0, 0.82),  # v5e; f32 matmuls run as bf16 passes
+    "tpu v5e": (197.0, 197.0, 0.82),
+    "tpu v4": (275.0, 275.0, 1.2),
+}
+
+
+@dataclasses.dataclass
+class Row:
+  """One measured implementation in one benchmark."""
+  bench: str            # e.g. 'stage-1 training'
+  impl: str             # 'vqgan-jax' | 'reference'
+  precision: str        # 'float32' | 'bfloat16' | 'autocast bf16'
+  unit: str             # 'images/s' | 'tokens/s'
+  items: float          # images or tokens per call
+  times: List[float]    # seconds per timed call
+  compile_s: Optional[float] = None
+  peak_bytes: Optional[float] = None
+  peak_source: str = ""
+  flops: Optional[float] = None  # per call
+  peak_tflops: Optional[float] = None
+
+  @property
+  def median_s(self) -> float:
+    ts = sorted(self.times)
+    n = len(ts)
+    return ts[n // 2] if n % 2 else 0.5 * (ts[n // 2 - 1] + ts[n // 2])
+
+  @property
+  def rate(self) -> float:
+    return self.items / self.median_s
+
+  @property
+  def tflops_per_s(self) -> Optional[float]:
+    return self.flops / self.median_s / 1e12 if self.flops else None
+
+  @property
+  def mfu(self) -> Optional[float]:
+    t = self.tflops_per_s
+    return t / self.peak_tflops if t and self.peak_tflops else None
+
+
+def device_kind() -> str:
+  dev = jax.devices()[0]
+  return f"{dev.platform}:{dev.device_kind}"
+
+
+def peaks(kind: Optional[str] = None):
+  """(bf16, f32) TFLOP/s and TB/s of this device, or Nones when unknown."""
+  kind = (kind or jax.devices()[0].device_kind).lower()
+  for name, values in PEAKS.items():
+    if name in kind:
+      return values
+  return None, None, None
+
+
+def peak_for(precision: str, kind: Optional[str] = None,
+             cpu_peak: Optional[float] = None) -> Optional[float]:
+  bf16, f32, _ = peaks(kind)
+  if bf16 is None:
+    return cpu_peak
+  return bf16 if "bf16" in precision or "bfloat16" in precision else f32
+
+
+def measure_cpu_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
+  """Best float32 matmul rate of this host through XLA (TFLOP/s).
+
+  Not a datasheet peak: the practical ceiling the MFU on CPU is taken
+  against (stated as such in the table).
+  """
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e12
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """FLOPs of one call from XLA's cost analysis (None when unavailable).
+
+  Custom calls (cuDNN attention) are not counted by XLA, so on GPU this is
+  a lower bound.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  return float(cost.get("flops", 0.0)) or None
+
+
+def xla_memory(compiled) -> Optional[float]:
+  """Bytes XLA plans for one call: arguments + outputs - aliased + temps."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  total = 0
+  for name, sign in (("argument_size_in_bytes", 1), ("output_size_in_bytes", 1),
+                     ("alias_size_in_bytes", -1), ("temp_size_in_bytes", 1)):
+    total += sign * int(getattr(m, name, 0) or 0)
+  return float(total) if total > 0 else None
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _fmt(x: Optional[float], spec: str, none: str = "n/a") -> str:
+  return none if x is None else format(x, spec)
+
+
+def _mem(row: Row) -> str:
+  if row.peak_bytes is None:
+    return "n/a"
+  if row.peak_bytes < 2 ** 30:
+    return f"{row.peak_bytes / 2 ** 20:.1f} MiB ({row.peak_source})"
+  return f"{row.peak_bytes / 2 ** 30:.2f} GiB ({row.peak_source})"
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+  """Markdown table; ratios against each benchmark's reference float32."""
+  head = ("| benchmark | implementation | precision | median s/call | rate | "
+          "vs ref f32 | compile s | peak memory | GFLOP/call | TFLOP/s | MFU |")
+  out = [head, "|" + "---|" * 11]
+  base = {r.bench: r.median_s for r in rows
+          if r.impl == "reference" and r.precision == "float32"}
+  for r in rows:
+    ratio = (f"{base[r.bench] / r.median_s:.2f}x" if r.bench in base
+             else "n/a")
+    mfu = r.mfu
+    out.append(
+        f"| {r.bench} | {r.impl} | {r.precision} | {r.median_s:.4g} | "
+        f"{r.rate:.4g} {r.unit} | {ratio} | {_fmt(r.compile_s, '.1f', '-')} | "
+        f"{_mem(r)} | {_fmt(r.flops and r.flops / 1e9, '.4g')} | "
+        f"{_fmt(r.tflops_per_s, '.3g')} | "
+        f"{_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} |")
+  return "\n".join(out)
+
+
+def to_json(rows: Sequence[Row], notes: Sequence[str], meta: Dict) -> str:
+  return json.dumps({"meta": meta, "notes": list(notes),
+                     "rows": [dataclasses.asdict(r) for r in rows]})
+
+
+def from_json(text: str):
+  d = json.loads(text)
+  return [Row(**r) for r in d["rows"]], d["notes"], d["meta"]

@@ -1,0 +1,129 @@
+"""The benchmark harness: its arithmetic, its reference shims, its imports."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # benchmarks/ is not an installed package
+  sys.path.insert(0, _ROOT)
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks import refcompat  # noqa: E402
+from benchmarks import suite  # noqa: E402
+from benchmarks import table  # noqa: E402
+
+
+def test_filter_shim_matches_transformers():
+  """The GPU image's transformers lacks top_k_top_p_filtering: ours is equal."""
+  import oracle
+  torch = oracle.torch()
+  import transformers
+  g = torch.Generator().manual_seed(0)
+  for k, p in [(0, 1.0), (100, 1.0), (10, 0.9), (0, 0.5), (1024, 0.95)]:
+    x = 3 * torch.randn(8, 1024, generator=g)
+    want = transformers.top_k_top_p_filtering(x.clone(), top_k=k, top_p=p)
+    got = refcompat.top_k_top_p_filtering(x.clone(), top_k=k, top_p=p)
+    assert torch.equal(got, want), (k, p)
+
+
+def test_reference_imports_on_gpu_image_stack_without_tensorflow():
+  """Lightning 2 / transformers 5 lack names the reference imports; shimmed.
+
+  Also: importing the harness, models and trainers never imports TensorFlow
+  (it is absent on the GPU machine).
+  """
+  code = textwrap.dedent("""
+      import sys, types
+      sys.modules["tensorflow"] = None  # any import of it now fails
+      from benchmarks import __main__, suite, refcompat
+      from vqgan_jax import gpt, sampling, vqgan
+      from vqgan_jax.training import transformer_trainer, vqgan_trainer
+      refcompat.oracle().torch()
+      import pytorch_lightning.utilities as plu
+      del plu.distributed  # as in Lightning 2.x
+      sys.modules["pytorch_lightning.utilities.distributed"] = None
+      sys.modules["transformers"] = types.ModuleType("transformers")
+      torch, taming = refcompat.reference()
+      import taming.main
+      from taming.modules.transformer import mingpt
+      assert mingpt.top_k_top_p_filtering is refcompat.top_k_top_p_filtering
+      assert callable(taming.main.rank_zero_only)
+      print("ok")
+  """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=_ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=_ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith("ok")
+
+
+def test_gpt_model_flops_agree_with_xla_cost_analysis():
+  """6N + attention FLOPs vs XLA's count of our real train step (f32)."""
+  from vqgan_jax.training import defaults
+  from vqgan_jax.training import transformer_trainer as tt
+  layers, width, heads, vocab, tokens, batch = 2, 128, 4, 256, 64, 4
+  cfg = defaults.transformer_config()
+  cfg.conditioning.num_classes = 10
+  cfg.gpt.update(dict(n_layer=layers, n_head=heads, n_embd=width))
+  layout = tt.make_layout(cfg, vocab, (1, tokens))
+  model = tt.build_model(cfg, layout)
+  tx = tt.make_optimizer(cfg)
+  state = jax.eval_shape(lambda: tt.init_state(model, tx,
+                                               jax.random.PRNGKey(0)))
+  step, _ = tt.make_train_step(model, tx, cfg, layout)
+  b = {"codes": jax.ShapeDtypeStruct((batch, 1, tokens), jnp.int32),
+       "cond": jax.ShapeDtypeStruct((batch, 1), jnp.int32)}
+  flops = table.xla_flops(jax.jit(step).lower(state, b).compile())
+  model_flops = suite.gpt_train_flops(layers, width, vocab, tokens, batch)
+  # XLA also counts softmax, layer norms, GELU and AdamW; the matmuls
+  # dominate, so the two agree within a few tens of percent.
+  assert 0.9 < flops / model_flops < 1.4, (flops, model_flops)
+
+
+def test_sampling_floor_counts_weights_per_step_and_filled_cache():
+  # 3 tokens after a 1-token prefix: 3 reads of the weights, and cache
+  # reads at positions 1 and 2: 2 (k, v) x 2 layers x 5 batch x 7 width x
+  # (1 + 2) x 2 bytes = 840 bytes.
+  got = suite.sampling_floor_s(1e6, layers=2, width=7, batch=5, prefix=1,
+                               tokens=3, cache_itemsize=2, tb_per_s=1.0)
+  assert got == pytest.approx((3e6 + 840) / 1e12, rel=1e-12)
+
+
+def test_rows_ratio_median_and_mfu():
+  ref = table.Row("b", "reference", "float32", "images/s", 4, [2.0, 4.0, 9.0])
+  ours = table.Row("b", "vqgan-jax", "bfloat16", "images/s", 4,
+                   [1.0, 1.0, 3.0, 2.0], flops=2e12, peak_tflops=4.0)
+  assert ours.median_s == 1.5 and ref.median_s == 4.0
+  assert ours.rate == pytest.approx(4 / 1.5)
+  assert ours.mfu == pytest.approx(2.0 / 1.5 / 4.0)
+  text = table.format_rows([ours, ref])
+  assert "| 2.67x |" in text and "| 1.00x |" in text
+  rows, notes, meta = table.from_json(table.to_json([ours, ref], ["n"],
+                                                    {"h": 1}))
+  assert rows == [ours, ref] and notes == ["n"] and meta == {"h": 1}
+
+
+def test_peaks_by_device_kind():
+  assert table.peak_for("bfloat16", "NVIDIA H100 80GB HBM3") == 989.0
+  assert table.peak_for("autocast bf16", "NVIDIA H100 80GB HBM3") == 989.0
+  assert table.peak_for("float32", "NVIDIA H100 80GB HBM3") == 494.0
+  assert table.peaks("TPU v5 lite")[0] == 197.0
+  assert table.peak_for("float32", "cpu", cpu_peak=0.1) == 0.1
+
+
+def test_cli_rejects_bad_values_by_name():
+  with pytest.raises(ValueError, match="train_vqgan.sizee"):
+    cli._sizes("tiny", ["train_vqgan.sizee=3"])
+  assert cli._sizes("tiny", ["train_vqgan.size=48"])["train_vqgan"][
+      "size"] == 48
+  with pytest.raises(ValueError, match="float16"):
+    cli.main(["--dtype=float16", "--only=sampling"])
+  with pytest.raises(ValueError, match="--only='nope'"):
+    suite.run_section("nope", None, {})
+  assert np.isfinite(suite.gpt_train_flops(1, 8, 16, 4, 2))
