@@ -1,4 +1,4 @@
-r"""The reference quantizer vs each issue-9 option on `digits`, side by side.
+r"""The reference quantizer vs each quantizer option on `digits`, side by side.
 
     python -m benchmarks.digits_quantizers --workdir=runs/quantizers \
         [--steps=1200] [--seed=0] [--options=reference,fsq,...]

@@ -1,4 +1,4 @@
-"""Quantizer options beyond the reference (issue 9): each defining property.
+"""Quantizer options beyond the reference: each defining property.
 
 FSQ values lie on the grid and every code is reachable; LFQ codes are sign
 patterns with the right index; an EMA update equals a numpy hand

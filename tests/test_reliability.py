@@ -3,8 +3,8 @@ and stop the run, kills never cost a usable checkpoint, damaged checkpoint
 steps are set aside, bad files are counted, checkpoints move across meshes.
 
 The SIGKILL-at-a-checkpoint, SIGTERM and 8 -> 1 -> 4 device stage-1 tests live
-in test_vqgan_trainer.py; these tests cover the rest (see
-docs/notes/issue7.md for the table of faults).
+in test_vqgan_trainer.py; these tests cover the rest (the README's
+"When things go wrong" table lists every fault and its test).
 """
 import hashlib
 import logging

@@ -233,7 +233,7 @@ class GumbelQuantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Beyond the reference: quantizers that keep their codebooks in use (issue 9).
+# Beyond the reference: quantizers that keep their codebooks in use.
 # Every option below is off by default; the reference's VectorQuantizer above
 # is untouched.
 
@@ -547,7 +547,7 @@ class _Projections(nn.Module):
 
 
 class FactorizedQuantizer(nn.Module):
-  """Nearest-code quantizer with the options of issue 9.
+  """Nearest-code quantizer with the options beyond the reference.
 
   With ``code_dim`` unset (0), no l2, loss updates, straight-through and no
   entropy penalty it computes exactly :class:`VectorQuantizer` with the same

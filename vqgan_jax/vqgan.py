@@ -25,7 +25,7 @@ Dtype = Any
 
 QUANTIZERS = ("vq", "gumbel", "fsq", "lfq")
 
-# Quantizer options beyond the reference (issue 9) and their defaults, which
+# Quantizer options beyond the reference and their defaults, which
 # keep the reference's VectorQuantizer (same parameters, same outputs).
 QUANTIZER_OPTION_DEFAULTS = dict(
     codebook_dim=0, l2_codes=False, codebook_update="loss",
