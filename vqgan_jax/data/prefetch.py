@@ -78,10 +78,14 @@ class ThreadPrefetcher:
       raise item.error
     return item
 
-  def close(self) -> None:
-    """Stops the producer thread (pending items are dropped)."""
+  def close(self, timeout: float = 10.0) -> None:
+    """Stops the producer thread (pending items are dropped) and waits up
+    to `timeout` seconds for it to finish, so that no thread is still
+    decoding images while the interpreter shuts down."""
     self._done = True
     self._stop.set()
+    if self._thread is not threading.current_thread():
+      self._thread.join(timeout)
 
   def __enter__(self) -> 'ThreadPrefetcher':
     return self

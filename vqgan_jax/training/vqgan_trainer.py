@@ -565,8 +565,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   preempt = runtime.PreemptionHandler()
   it = train_ds.train_iterator(config.batch_size, seed=config.seed,
                                start_step=start_step)
-  batches = data_lib.prefetch_to_device(
-      data_lib.ThreadPrefetcher(it, buffer_size=2), 2, run.batch_sharding)
+  host_batches = data_lib.ThreadPrefetcher(it, buffer_size=2)
+  batches = data_lib.prefetch_to_device(host_batches, 2, run.batch_sharding)
   timer = metrics_lib.RateTimer()
   last: Dict[str, Any] = {}
   step = start_step
@@ -601,6 +601,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         break
     digest.write_replica_digest(workdir, state["params"])
   finally:
+    host_batches.close()  # no data thread left running at interpreter exit
     ckpt.close()
     writer.close()
     preempt.restore()
