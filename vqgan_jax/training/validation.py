@@ -168,6 +168,23 @@ def as_config_error():
     raise ConfigError(str(e)) from None
 
 
+def _check_training(config, num_devices: Optional[int],
+                    extra: Optional[Callable[[Any], None]]) -> None:
+  """Checks both stages share: schedule, learning rate, the trainer's own
+  `extra` checks, and the mesh and batch against the devices."""
+  from vqgan_jax.training import loop  # pylint: disable=g-import-not-at-top
+  check_schedule(config)
+  with as_config_error():
+    loop.learning_rate(config)
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  if extra is not None:
+    with as_config_error():
+      extra(config)
+  check_mesh_and_batch(config, num_devices)
+
+
 def validate_vqgan(config, num_devices: Optional[int] = None,
                    extra: Optional[Callable[[Any], None]] = None) -> None:
   """Every stage-1 check, before any device work.
@@ -181,22 +198,12 @@ def validate_vqgan(config, num_devices: Optional[int] = None,
   Raises:
     ConfigError: the first problem found.
   """
-  from vqgan_jax.training import loop  # pylint: disable=g-import-not-at-top
   check_model(config.model)
   if config.loss.disc_loss not in DISC_LOSSES:
     raise ConfigError(f"config.loss.disc_loss={config.loss.disc_loss!r}; "
                       f"valid: {DISC_LOSSES}")
   check_dataset("dataset", config.dataset)
-  check_schedule(config)
-  with as_config_error():
-    loop.learning_rate(config)
-  if num_devices is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    num_devices = jax.device_count()
-  if extra is not None:
-    with as_config_error():
-      extra(config)
-  check_mesh_and_batch(config, num_devices)
+  _check_training(config, num_devices, extra)
   if config.init_from:
     check_init_from(config)
 
@@ -207,7 +214,6 @@ def validate_transformer(config, num_devices: Optional[int] = None,
   """Every stage-2 check that needs no data and no compiled function (see
   :func:`validate_vqgan` for the arguments)."""
   from vqgan_jax import conditioning as cond_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.training import loop  # pylint: disable=g-import-not-at-top
   if not config.vqgan_workdir:
     raise ConfigError("config.vqgan_workdir is empty: point it to a stage-1 "
                       "workdir (train_vqgan.py) or a converted VQGAN "
@@ -236,16 +242,7 @@ def validate_transformer(config, num_devices: Optional[int] = None,
   check_dataset("dataset", config.dataset)
   if cc.get("cond_dataset"):
     check_dataset("conditioning.cond_dataset", cc.cond_dataset)
-  check_schedule(config)
-  with as_config_error():
-    loop.learning_rate(config)
-  if num_devices is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    num_devices = jax.device_count()
-  if extra is not None:
-    with as_config_error():
-      extra(config)
-  check_mesh_and_batch(config, num_devices)
+  _check_training(config, num_devices, extra)
   _read_vqgan_info("vqgan_workdir", config.vqgan_workdir)
   if cc.kind == "codes":
     _read_vqgan_info("conditioning.cond_vqgan_workdir", cc.cond_vqgan_workdir)
