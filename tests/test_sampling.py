@@ -149,6 +149,30 @@ def test_top_k_keeps_ties_like_the_reference(torch, models):
                                   err_msg=f"k={k}")
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_top_k_radix_search_is_exact_for_every_digit_width(bits):
+  """The k-th largest threshold equals a sort's, with ties, +-0, -inf,
+  a constant row, huge and tiny magnitudes, and k below 1 or above V."""
+  rng = np.random.default_rng(bits)
+  vocab = 300
+  logits = rng.standard_normal((8, vocab)).astype(np.float32)
+  logits[0, :vocab // 2] = np.round(logits[0, :vocab // 2], 1)  # many ties
+  logits[1, :5] = -np.inf
+  logits[1, 5], logits[1, 6] = 0.0, -0.0
+  logits[2] = 1.5                                                # all equal
+  logits[3] *= 1e30
+  logits[4] *= 1e-30
+  logits[5, :vocab - 1] = -np.inf                                # one finite
+  ks = np.array([1, 7, 150, vocab, 0, vocab + 5, 2, 299], np.int32)
+  expected = np.stack([
+      row >= -np.sort(-row)[np.clip(k, 1, vocab) - 1]
+      for row, k in zip(logits, ks)])
+  ours = jax.jit(lambda x, k: sampling.top_k_mask(x, k, bits_per_round=bits))(
+      logits, ks)
+  np.testing.assert_array_equal(np.asarray(ours), expected)
+  np.testing.assert_array_equal(  # the backend's default width
+      np.asarray(sampling.top_k_mask(logits, ks)), expected)
+
 # ----------------------------------------------------------------------------
 # The pure decode loop with fake logits.
 # ----------------------------------------------------------------------------

@@ -44,30 +44,52 @@ def _ordered_bits(x: Array) -> Array:
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def top_k_mask(logits: Array, top_k: Array | int) -> Array:
+def top_k_mask(logits: Array, top_k: Array | int, *,
+               bits_per_round: int | None = None) -> Array:
   """True where a logit is >= the k-th largest logit of its row.
 
-  The k-th largest value is found exactly by a 32-step bitwise search over
-  an order-preserving integer encoding of the float32 logits, so `top_k` may
-  be a traced value (no static bound, no sort).
+  The k-th largest value is found exactly by a radix search over an
+  order-preserving integer encoding of the float32 logits, `bits_per_round`
+  bits at a time, so `top_k` may be a traced value (no static bound, no
+  sort). Each round counts, for every value of the next digit at once, the
+  logits at or above the candidate threshold: 32 / bits_per_round dependent
+  reductions per call, each over 2**bits_per_round x V comparisons. The
+  result is exact for every setting; only the cost differs. On CPU one bit
+  per round is fastest (16 x 1024 logits: 0.15 ms at one bit, 0.6 ms at
+  four; jax 0.10 on this project's 2-core machine).
+  On a GPU a decode step at small batch is bound by the number of dependent
+  kernels rather than by these comparisons, so four bits per round (8
+  reductions instead of 32) is the default there (a choice by kernel
+  count, not yet timed on a GPU).
 
   Args:
     logits: float32 (..., V).
     top_k: int, scalar or broadcastable to logits.shape[:-1]; clipped to
       [1, V].
+    bits_per_round: 1, 2, 4 or 8 (static); None: 1 on CPU, else 4.
 
   Returns:
     bool (..., V).
   """
+  if bits_per_round is None:
+    bits_per_round = 1 if jax.default_backend() == "cpu" else 4
+  if bits_per_round not in (1, 2, 4, 8):
+    raise ValueError(f"bits_per_round must be 1, 2, 4 or 8, got "
+                     f"{bits_per_round}")
   keys = _ordered_bits(logits.astype(jnp.float32))
   k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, logits.shape[-1])
   k = jnp.broadcast_to(k, logits.shape[:-1])[..., None]
+  digits = jnp.arange(1, 1 << bits_per_round, dtype=jnp.uint32)
   kth = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)
-  for bit in range(31, -1, -1):
-    candidate = kth | jnp.uint32(1 << bit)
-    count = jnp.sum(keys >= candidate, axis=-1, keepdims=True,
-                    dtype=jnp.int32)
-    kth = jnp.where(count >= k, candidate, kth)
+  for shift in range(32 - bits_per_round, -1, -bits_per_round):
+    # Invariant: at least k keys are >= kth, so digit 0 always qualifies.
+    # Count the keys >= kth | d << shift for every other digit d at once;
+    # the counts fall with d: the digit is how many still reach k.
+    candidates = kth | (digits << shift)                   # (..., D - 1)
+    counts = jnp.sum(keys[..., None, :] >= candidates[..., None],
+                     axis=-1, dtype=jnp.int32)             # (..., D - 1)
+    best = jnp.sum(counts >= k, axis=-1, keepdims=True, dtype=jnp.uint32)
+    kth = kth | (best << shift)
   return keys >= kth
 
 
