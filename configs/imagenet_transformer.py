@@ -8,7 +8,9 @@ d 1536, 24 heads, over the 16x16 codes of the f16/16384 VQGAN (1.4B params).
 Argument `,bf16` computes in bfloat16 (float32 master weights and logits);
 `,cfg` adds classifier-free-guidance label dropout (10%). At this size shard
 parameters and optimizer state: e.g. `--config.mesh.data=-1 --config.mesh.fsdp=8`,
-and `--config.gpt.remat=True --config.gpt.scan_layers=True`.
+and `--config.gpt.remat=True --config.gpt.scan_layers=True` (with
+`--config.gpt.remat_policy=full|attention|dots`: what each block keeps for
+the backward pass, from least memory to least recomputation).
 """
 from vqgan_jax.training import defaults
 

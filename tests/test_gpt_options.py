@@ -10,6 +10,10 @@ Properties protected:
   * with every option on, cached decoding (unrolled, scanned and remat)
     equals the full forward within 1e-4, and greedy sampling equals a
     greedy full-forward loop;
+  * every remat policy gives the gradients of the plain model (1e-5), saves
+    what it names (XLA's FLOP count falls from 'full' to 'attention' to
+    'dots' to no remat) and, with scanned layers, plans less memory than
+    no remat;
   * the trainer fills the 2D grid from the token layout, model.json
     round-trips the options, and bad values are named;
   * classifier-free guidance through `sample_lib` (what sample.py calls):
@@ -201,6 +205,7 @@ def test_trainer_fills_the_grid_and_model_json_round_trips():
     ("norm", "batchnorm", "norm='batchnorm'"),
     ("mlp", "relu", "mlp='relu'"),
     ("position_embedding", "alibi", "position_embedding='alibi'"),
+    ("remat_policy", "offload", "remat_policy='offload'"),
     ("n_head", 4, "divisible by 4"),  # head width 2 for rope2d
 ])
 def test_bad_option_values_are_named(field, value, message):
@@ -210,6 +215,38 @@ def test_bad_option_values_are_named(field, value, message):
   model = gpt_lib.GPT(**kw)
   with pytest.raises(ValueError, match=message):
     model.init(jax.random.PRNGKey(0), _tokens(1, 4, 8))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_policies_keep_gradients_and_trade_flops_for_memory(
+    scan_layers):
+  model = gpt_lib.GPT(vocab_size=64, block_size=64, n_layer=3, n_head=4,
+                      n_embd=64, scan_layers=scan_layers)
+  tokens = _tokens(4, 64, 64)
+  params = model.init(jax.random.PRNGKey(1), tokens)["params"]
+
+  def grad_fn(m):
+    def loss(p):
+      logits = m.apply({"params": p}, tokens)
+      return gpt_lib.token_loss(logits, tokens)
+    return jax.jit(jax.grad(loss))
+
+  expected = grad_fn(model)(params)
+  flops, temp = {}, {}
+  for name in (None,) + gpt_lib.REMAT_POLICIES:
+    m = model if name is None else model.clone(remat=True, remat_policy=name)
+    compiled = grad_fn(m).lower(params).compile()
+    cost = compiled.cost_analysis()
+    flops[name] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    temp[name] = compiled.memory_analysis().temp_size_in_bytes
+    if name is not None:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                   compiled(params), expected)
+  assert flops["full"] > flops["attention"] > flops["dots"] > flops[None], (
+      flops)
+  if scan_layers:  # unrolled, XLA:CPU's memory plan does not shrink
+    assert all(temp[name] < temp[None] for name in gpt_lib.REMAT_POLICIES), (
+        temp)
 
 
 # ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 import optax
 
@@ -168,6 +169,26 @@ def _library_attention(q: Array, k: Array, v: Array, n_unmasked: int,
 POSITION_EMBEDDINGS = ("learned", "rope", "rope2d")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+# What a rematerialised block keeps from its forward pass for the backward
+# pass (everything else is recomputed):
+#   'full': nothing but the block's input (least memory, one extra forward);
+#   'attention': also the attention output of every layer, so the attention
+#     (the costly part at long sequences) is not run again;
+#   'dots': also every projection's output (q, k, v, proj, the MLP's
+#     matmuls); norms, activations and attention are recomputed.
+REMAT_POLICIES = ("full", "attention", "dots")
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name."""
+  policies = jax.checkpoint_policies
+  if name == "full":
+    return policies.nothing_saveable
+  if name == "attention":
+    return policies.save_only_these_names("attention_out")
+  if name == "dots":
+    return policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"GPT remat_policy={name!r}; valid: {REMAT_POLICIES}")
 
 
 def rope_frequencies(dim: int, base: float = 10000.0) -> Array:
@@ -328,7 +349,8 @@ class CausalSelfAttention(nn.Module):
     else:
       y = _library_attention(q, k, v, self.n_unmasked, self.attention_impl,
                              self.dtype)
-    y = y.reshape(b, t, c)
+    # A name for the 'attention' remat policy; the identity otherwise.
+    y = checkpoint_name(y.reshape(b, t, c), "attention_out")
     y = dense(name="proj")(y)
     y = nn.Dropout(self.resid_pdrop)(y, deterministic=self.deterministic)
     return y, cache
@@ -456,6 +478,7 @@ class GPT(nn.Module):
     dtype: compute dtype (logits are float32 regardless).
     param_dtype: parameter dtype.
     remat: rematerialise each block in the backward pass.
+    remat_policy: what a rematerialised block keeps (`REMAT_POLICIES`).
     scan_layers: run the blocks with `nn.scan` (stacked parameters).
     attention_impl: `implementation` for `jax.nn.dot_product_attention`.
     norm: 'layernorm' (reference) or 'rmsnorm' (blocks and `ln_f`).
@@ -481,6 +504,7 @@ class GPT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = "full"
   scan_layers: bool = False
   attention_impl: str | None = None
   norm: str = "layernorm"
@@ -507,7 +531,8 @@ class GPT(nn.Module):
     for field, value, valid in (
         ("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
         ("position_embedding", self.position_embedding,
-         POSITION_EMBEDDINGS)):
+         POSITION_EMBEDDINGS), ("remat_policy", self.remat_policy,
+                                REMAT_POLICIES)):
       if value not in valid:
         raise ValueError(f"GPT {field}={value!r}; valid: {valid}")
     head_dim = self.n_embd // self.n_head
@@ -565,7 +590,8 @@ class GPT(nn.Module):
 
     block_cls = Block
     if self.remat:
-      block_cls = nn.remat(Block, prevent_cse=not self.scan_layers)
+      block_cls = nn.remat(Block, prevent_cse=not self.scan_layers,
+                           policy=checkpoint_policy(self.remat_policy))
     kwargs = self._block_kwargs(deterministic)
     new_cache = None
     if self.scan_layers:

@@ -99,7 +99,9 @@ def transformer_config() -> ml_collections.ConfigDict:
       n_layer=48, n_head=24, n_embd=1536, block_size=0,  # 0: fit the sequence
       embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0,
       dtype="float32", param_dtype="float32", remat=False, scan_layers=False,
-      attention_impl=None,
+      # with remat: 'full' | 'attention' | 'dots' (gpt.REMAT_POLICIES: what
+      # each block keeps for the backward pass).
+      remat_policy="full", attention_impl=None,
       # Options beyond the reference (defaults = the reference's block):
       # norm 'layernorm'|'rmsnorm', mlp 'gelu'|'swiglu', position_embedding
       # 'learned'|'rope'|'rope2d' (2D rotary over the code grid), zero_head.
