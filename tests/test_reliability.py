@@ -1,6 +1,8 @@
 """Reliability: bad configs fail before any work, non-finite steps are skipped
-and stop the run, kills never cost a usable checkpoint, damaged checkpoint
-steps are set aside, bad files are counted, checkpoints move across meshes.
+and stop the run (both stages), kills and SIGTERM during a save never cost a
+usable checkpoint, damaged checkpoint steps are set aside, a workdir of
+another architecture is refused untouched, bad files are counted,
+checkpoints move across meshes.
 
 The SIGKILL-at-a-checkpoint, SIGTERM and 8 -> 1 -> 4 device stage-1 tests live
 in test_vqgan_trainer.py; these tests cover the rest (the README's
@@ -113,6 +115,8 @@ def test_init_from_of_another_architecture_is_refused_from_model_json(tmp_path):
     ("conditioning.kind", "text", r"config\.conditioning\.kind='text'; valid: \('sos'"),
     ("permuter", "hilbert", r"config\.permuter='hilbert'; valid"),
     ("gpt.n_head", 3, r"config\.gpt\.n_embd=32 is not divisible by config\.gpt\.n_head=3"),
+    ("gpt.remat_policy", "offload", r"config\.gpt\.remat_policy='offload'; valid: \('full'"),
+    ("gpt.norm", "batchnorm", r"config\.gpt\.norm='batchnorm'; valid"),
     ("optim.schedule", "linear", r"config\.optim\.schedule='linear'; valid"),
     ("dataset", "tfds", r"unknown dataset 'tfds'"),
     ("batch_size", 6, r"config\.batch_size=6 is not divisible by the 4 devices"),
@@ -319,6 +323,71 @@ def test_poisoned_batches_through_the_pipeline_stop_the_run_naming_step_and_chec
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state["params"]))
 
 
+POISON2 = r"""
+import sys, runpy
+from vqgan_jax.training import transformer_trainer as tt
+poison_from = int(sys.argv.pop(1))  # 0-based step index of the first poisoned batch
+global_batch = tt._global_batch
+
+def poisoned(data, cond, step, config, batch_sh):
+  if step >= poison_from:  # a corrupt codes cache: a code outside the codebook
+    codes = data["codes"].copy()
+    codes[:, 0, 0] = 10**6 + step
+    data = dict(data, codes=codes)
+  return global_batch(data, cond, step, config, batch_sh)
+
+tt._global_batch = poisoned
+sys.argv = sys.argv[1:]
+runpy.run_path("train_transformer.py", run_name="__main__")
+"""
+
+
+def test_poisoned_batches_stop_a_stage2_run_naming_steps_and_checkpoint(tmp_path):
+  """Stage 2 through train_transformer.py's real loop: from step 5 every
+  batch holds a code outside the codebook (its embedding lookup is NaN), so
+  the loss is not finite. Steps 5 and 6 are skipped, logged and counted, the
+  scheduled checkpoint at 6 is not written, and at step 7 (max_bad_steps=3)
+  the script exits with code 3 naming steps 5-7 and checkpoint 4, which
+  restores with finite parameters."""
+  vq = _tiny_vqgan_dir(tmp_path / "vq")
+  wd = tmp_path / "wd"
+  r = tu.run_python(["-c", POISON2, "4", "train_transformer.py",
+                     "--config=configs/digits_transformer.py:test", f"--workdir={wd}",
+                     f"--config.vqgan_workdir={vq}", "--config.num_train_steps=10",
+                     "--config.checkpoint_every=2", "--config.log_every=1",
+                     "--config.max_bad_steps=3", "--config.eval_every=0",
+                     "--config.sample_every=0"], check=False, timeout=600)
+  assert r.returncode == validation.EXIT_NONFINITE, (r.returncode, r.stderr[-4000:])
+  assert "Traceback" not in r.stderr
+  err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1, r.stderr[-4000:]
+  assert "3 non-finite steps in a row (steps 5-7, config.max_bad_steps=3)" in err[0]
+  assert f"last good checkpoint is step 4 in {wd / 'checkpoints'}" in err[0]
+  for s in (5, 6, 7):
+    assert f"step {s}: the loss or a gradient is not finite; update skipped" in r.stderr
+  rows = {row["step"]: row for row in tu.rows(wd)}
+  assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+  assert [rows[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 1]
+  assert [rows[s]["skipped_total"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 2]
+  assert all(np.isfinite(rows[s]["loss"]) for s in range(1, 5))
+  assert not any(np.isfinite(float(rows[s]["loss"])) for s in (5, 6))  # logged as "nan"
+  ck = checkpoints.Checkpointer(str(wd))
+  assert ck.all_steps() == [2, 4]
+  c = tu.load_config("digits_transformer", "test")
+  layout = tt.make_layout(c, 32, (4, 4))
+  model = tt.build_model(c, layout)
+  tx = tt.make_optimizer(c)
+  abstract = jax.eval_shape(lambda r: tt.init_state(model, tx, r), jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh({"data": 1})
+  state, meta, step = ck.restore(checkpoints.abstract_with_shardings(
+      abstract, sharding.state_shardings(abstract, mesh)))
+  ck.close()
+  assert step == 4 and meta["step"] == 4 and int(state["bad_steps"]) == 0
+  assert int(state["step"]) == 4
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state["params"]))
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state["opt_state"]))
+
+
 # ----------------------------------------------------------------------------
 # 3. Preemption and damaged checkpoints
 
@@ -380,10 +449,21 @@ def test_a_restore_that_fails_on_every_step_moves_nothing(tmp_path):
   wrong = dict(_abstract(), w=jax.ShapeDtypeStruct((7, 3), jnp.float32,
                                                  sharding=_abstract()["w"].sharding))
   ck = checkpoints.Checkpointer(str(tmp_path))
-  with pytest.raises(ValueError, match="not compatible with the stored shape"):
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"holds checkpoints of another model or optimizer than this config "
+                     r"builds \(step 2: 1 of 2 arrays differ: w: checkpoint \(4, 3\) float32 vs "
+                     r"config \(7, 3\) float32\); resume with the config the run was started "
+                     r"with, or pass a new --workdir"):
     ck.restore(wrong)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"\(step 1: "):
+    ck.restore(wrong, step=1)
+  extra = dict(_abstract(), v=_abstract()["w"])
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"v: in the config \(4, 3\) float32, not in the checkpoint"):
+    ck.restore(extra)
   ck.close()
   assert _digest(tmp_path) == before
+  assert issubclass(checkpoints.CheckpointMismatchError, validation.ConfigError)
 
 
 def test_loaders_read_the_newest_committed_step_and_change_nothing(tmp_path):
@@ -463,6 +543,180 @@ def test_sigkill_in_the_middle_of_an_async_save_resumes_from_the_previous_step(t
     for k in ("loss", "rec_loss", "q_loss", "disc_loss", "d_weight"):
       assert rows[s][k] == killed[s][k], (delay, s, k, rows[s][k], killed[s][k])
   assert checkpoints.Checkpointer(str(wd)).all_steps()[-1] == 6
+
+
+TERM_IN_SAVE = r"""
+import asyncio, os, signal, sys, runpy
+from orbax.checkpoint._src.path import atomicity
+from vqgan_jax.training import checkpoints
+marker, term_step = sys.argv.pop(1), int(sys.argv.pop(1))
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+save = checkpoints.Checkpointer.save
+
+async def slow_commit(self, *a, **kw):
+  if os.path.basename(str(self._final_path)) == str(term_step):
+    await asyncio.sleep(2.0)  # every file written, not yet committed
+  return await finalize(self, *a, **kw)
+
+def save_then_term(self, step, *a, **kw):
+  saved = save(self, step, *a, **kw)  # returns while the save runs on
+  if step == term_step:
+    done = os.path.exists(os.path.join(self.directory, str(step), "commit_success.txt"))
+    with open(marker, "w") as f:
+      f.write("committed" if done else "in flight")
+    os.kill(os.getpid(), signal.SIGTERM)
+  return saved
+
+atomicity.AtomicRenameTemporaryPath.finalize = slow_commit
+checkpoints.Checkpointer.save = save_then_term
+sys.argv = sys.argv[1:]
+runpy.run_path("train_vqgan.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_async_save_commits_it_stops_cleanly_and_resumes_exactly(tmp_path):
+  """SIGTERM arrives right after save() of step 2 returns, while that
+  asynchronous save is held just before its commit: the run finishes that
+  save, takes one more step, saves step 3 and exits with code 0 (the documented preemption exit); steps 2 and
+  3 are committed and restore, nothing is set aside, and the same command
+  then finishes with the losses and the final parameters of an uninterrupted
+  run, bit for bit."""
+  opts = ["--config=configs/digits_vqgan.py:test", "--config.model.ch_mult=(1,)",
+          "--config.model.resolution=8", "--config.num_train_steps=6",
+          "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=0",
+          "--config.image_every=0"]
+  full, wd, marker = tmp_path / "full", tmp_path / "wd", tmp_path / "term_sent"
+  ref = subprocess.Popen([sys.executable, "train_vqgan.py", f"--workdir={full}"] + opts,
+                         cwd=tu.ROOT, env=tu.env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+  r = tu.run_python(["-c", TERM_IN_SAVE, str(marker), "2", "train_vqgan.py",
+                     f"--workdir={wd}"] + opts, check=False, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert marker.read_text() == "in flight"
+  assert "received signal 15: saving a checkpoint and stopping" in r.stderr
+  assert "stopping at step 3 after a signal" in r.stderr
+  d = wd / "checkpoints"
+  assert sorted(os.listdir(d)) == ["2", "3"], os.listdir(d)
+  assert all((d / s / "commit_success.txt").exists() for s in ("2", "3"))
+  assert sorted(row["step"] for row in tu.rows(wd)) == [1, 2, 3]
+  c = tu.load_config("digits_vqgan", "test")
+  c.model.update(ch_mult=(1,), resolution=8)
+  run = vt.create(c, sharding.make_mesh({"data": 1}))
+  abstract = checkpoints.abstract_with_shardings(run.abstract_state, run.state_shardings)
+  for s in (2, 3):
+    ck = checkpoints.Checkpointer(str(wd))
+    _, meta, step = ck.restore(abstract, step=s)
+    ck.close()
+    assert step == s and meta["step"] == s
+  r = tu.run_python(["train_vqgan.py", f"--workdir={wd}"] + opts, timeout=600)
+  assert "ignoring checkpoint" not in r.stderr
+  _, err = ref.communicate(timeout=600)
+  assert ref.returncode == 0, err[-3000:]
+  a = {row["step"]: row for row in tu.rows(full)}
+  b = {row["step"]: row for row in tu.rows(wd)}
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for s in range(1, 7):
+    for k in ("loss", "rec_loss", "q_loss", "disc_loss", "d_weight", "g_loss"):
+      assert a[s][k] == b[s][k], (s, k, a[s][k], b[s][k])
+  final = []
+  for w in (full, wd):
+    ck = checkpoints.Checkpointer(str(w))
+    state, _, step = ck.restore(abstract)
+    ck.close()
+    assert step == 6
+    final.append(_tree_np(state))
+  for x, y in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1]), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+# ----------------------------------------------------------------------------
+# 4. Resuming a workdir with another architecture
+
+
+def _error_line(r):
+  """The single ``error:`` line of a refused run (exit 2, no traceback)."""
+  assert r.returncode == validation.EXIT_CONFIG, (r.returncode, r.stderr[-3000:])
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, r.stderr[-3000:]
+  return lines[0]
+
+
+def test_stage1_resume_with_another_architecture_exits_2_and_touches_nothing(tmp_path):
+  """A workdir trained with ch=32 refuses ch=64 from its model.json before any
+  device work; a change model.json does not record (the discriminator's
+  width) is caught from the checkpoint's stored shapes. Both exit with code 2
+  and one line naming the workdir, the step, the difference with both values
+  and the fix; not a file of the workdir changes and no step is set aside."""
+  wd = tmp_path / "wd"
+  c = tu.load_config("digits_vqgan", "test")
+  c.model.update(ch_mult=(1,), resolution=8)  # the smallest compile
+  c.update(dict(num_train_steps=2, checkpoint_every=1, log_every=1, eval_every=0,
+                image_every=0))
+  vt.train_and_evaluate(c, str(wd))
+  before = _digest(wd)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["1", "2"]
+  cmd = ["train_vqgan.py", "--config=configs/digits_vqgan.py:test", f"--workdir={wd}",
+         "--config.model.ch_mult=(1,)", "--config.model.resolution=8",
+         "--config.eval_every=0", "--config.image_every=0"]
+  err = _error_line(tu.run_python(cmd + ["--config.model.ch=64"], check=False, timeout=300))
+  assert err == (f"error: --workdir={wd} holds checkpoints (newest step 2) of another "
+                 "architecture: ch: checkpoint 32 vs config 64; resume with the config the "
+                 f"run was started with (saved under \"train_config\" in {wd}/model.json), "
+                 "or pass a new --workdir to start another run"), err
+  err = _error_line(tu.run_python(cmd + ["--config.disc.ndf=32"], check=False, timeout=300))
+  assert err.startswith(f"error: --workdir={wd} holds checkpoints of another model or "
+                        "optimizer than this config builds (step 2: "), err
+  assert ("disc_params/main_0/kernel: checkpoint (4, 4, 3, 16) float32 vs config "
+          "(4, 4, 3, 32) float32") in err, err
+  assert f"resume with the config the run was started with (saved under \"train_config\" in {wd}/model.json)" in err
+  assert _digest(wd) == before
+
+
+def _tiny_vqgan_dir(path):
+  """A converted-style VQGAN directory with random weights (4x4 codes of 8x8
+  images, 32 codes)."""
+  c = tu.load_config("digits_vqgan", "test")
+  c.model.update(resolution=8)
+  model = vqgan_lib.from_config(c.model.to_dict())
+  variables = vqgan_lib.init_variables(model, jax.random.PRNGKey(0))
+  return ckpt_lib.save_pretrained(str(path), "vqgan", vqgan_lib.model_config(model),
+                                  variables)
+
+
+def test_stage2_resume_with_another_architecture_exits_2_and_touches_nothing(tmp_path):
+  """Stage 2: n_embd 32 -> 64 is refused from model.json's train_config
+  before the VQGAN or the codes load; without model.json the stored shapes
+  catch it, naming a parameter path and both shapes; an optimizer change
+  (another optax chain) is caught the same way. Exit 2, nothing touched."""
+  vq = _tiny_vqgan_dir(tmp_path / "vq")
+  wd = tmp_path / "wd"
+  c = tu.load_config("digits_transformer", "test")
+  c.update(dict(vqgan_workdir=vq, num_train_steps=2, checkpoint_every=1, log_every=1,
+                eval_every=0, sample_every=0))
+  tt.train_and_evaluate(c, str(wd))
+  before = _digest(wd)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["1", "2"]
+  cmd = ["train_transformer.py", "--config=configs/digits_transformer.py:test",
+         f"--workdir={wd}", f"--config.vqgan_workdir={vq}", "--config.eval_every=0",
+         "--config.sample_every=0"]
+  err = _error_line(tu.run_python(cmd + ["--config.gpt.n_embd=64"], check=False, timeout=300))
+  assert err.startswith(f"error: --workdir={wd} holds checkpoints (newest step 2) of another "
+                        "architecture: n_embd: checkpoint 32 vs config 64; resume with the "
+                        "config the run was started with"), err
+  err = _error_line(tu.run_python(cmd + ["--config.optim.grad_clip=0.0"], check=False,
+                                  timeout=300))
+  assert "holds checkpoints of another model or optimizer than this config builds (step 2: " in err
+  assert "opt_state/" in err and "params/" not in err.split("; resume")[0], err
+  assert _digest(wd) == before
+  os.remove(wd / "model.json")  # a workdir without model.json: the checkpoint decides
+  before = _digest(wd)
+  err = _error_line(tu.run_python(cmd + ["--config.gpt.n_embd=64"], check=False, timeout=300))
+  assert "(step 2: " in err and "resume with the config the run was started with, or" in err
+  assert ("params/blocks_0/attn/key/kernel: checkpoint (32, 32) float32 vs config (64, 64) "
+          "float32") in err, err
+  assert _digest(wd) == before
 
 
 # ----------------------------------------------------------------------------

@@ -6,18 +6,36 @@ resumes from it. Steps that are there but incomplete (no commit marker, or
 files missing or damaged so that restoring fails) are moved aside to
 ``checkpoints/STEP.incomplete-N`` with a warning, and the newest complete
 step before them is used.
+
+A workdir whose checkpoints were written by another model or optimizer than
+the config builds is refused with :class:`CheckpointMismatchError` (a
+``ConfigError``, so the scripts exit with code 2 and one line) and nothing is
+moved: :func:`check_resume` compares the workdir's ``model.json`` with the
+config before any device work, and :meth:`Checkpointer.restore` compares the
+stored tree (orbax's metadata: paths and shapes) with the target state.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from vqgan_jax.training import validation
+
 COMMIT_MARKER = "commit_success.txt"  # written by orbax as a save's last file
+MODEL_FILE = "model.json"  # vqgan_jax.checkpoint.MODEL_FILE
+MAX_LISTED = 4  # differing paths named in a mismatch message
+
+
+class CheckpointMismatchError(validation.ConfigError):
+  """The workdir's checkpoints hold another model or optimizer than the
+  config builds; the message names the differences and the fix."""
 
 
 class Checkpointer:
@@ -66,10 +84,12 @@ class Checkpointer:
       ``(state, meta, step)``.
     """
     if step is not None:
+      self._check_layout(abstract_state, [step])
       return self._restore(abstract_state, step) + (step,)
     steps = sorted(self.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    self._check_layout(abstract_state, steps[:1])
     errors = []
     for s in steps:
       try:
@@ -84,7 +104,36 @@ class Checkpointer:
         self._set_aside([str(bad) for bad, _ in errors],
                         f"it does not restore while step {s} does")
       return state, meta, s
+    self._check_layout(abstract_state, steps, cause=errors[0][1])
     raise errors[0][1]
+
+  def stored_layout(self, step: int) -> Optional[Dict[str, Tuple]]:
+    """``{path: (shape, dtype)}`` of the state saved at ``step`` (orbax's
+    metadata; nothing is read from the arrays), or None if unreadable."""
+    path = os.path.join(self.directory, str(step), "state")
+    try:
+      tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+    except Exception:  # pylint: disable=broad-except
+      return None  # damaged: left to the restore loop
+    out = tree_layout(getattr(tree, "tree", tree))
+    return out or None
+
+  def _check_layout(self, abstract_state, steps: Sequence[int],
+                    cause: Optional[BaseException] = None) -> None:
+    """Raises CheckpointMismatchError for the first of ``steps`` whose stored
+    tree has other paths or shapes than ``abstract_state``."""
+    want = tree_layout(abstract_state)
+    for s in steps:
+      have = self.stored_layout(s)
+      if have is None:
+        continue
+      diff = layout_diff(have, want)
+      if not diff:
+        return
+      raise CheckpointMismatchError(_mismatch_message(
+          os.path.dirname(self.directory), s, diff, len(set(have) | set(want)),
+          params_match=all(_is_opt(p.split(":")[0]) for p in diff))
+      ) from cause
 
   def _restore(self, abstract_state, step: int):
     restored = self._mngr.restore(step, args=ocp.args.Composite(
@@ -118,6 +167,126 @@ class Checkpointer:
   def close(self):
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def check_resume(workdir: str, want: Dict[str, Any], keys: Sequence[str],
+                 section: Sequence[str] = ("config",)) -> None:
+  """Refuses, before any device work, to resume ``workdir`` with another
+  architecture than its ``model.json`` records.
+
+  Args:
+    workdir: the run's workdir; nothing happens unless it holds a committed
+      checkpoint and a readable ``model.json``.
+    want: the config's values of ``keys``.
+    keys: the fields to compare.
+    section: where the stored values sit in ``model.json`` (``("config",)``
+      for the model config, ``("train_config", "gpt")`` for stage 2).
+
+  Raises:
+    CheckpointMismatchError: naming the workdir, the newest step, each
+      differing field with both values, and the fix. Nothing is touched.
+  """
+  workdir = os.path.abspath(workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  done = [s for s in _step_dirs(directory) if os.path.exists(
+      os.path.join(directory, str(s), COMMIT_MARKER))]
+  path = os.path.join(workdir, MODEL_FILE)
+  if not done or not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      have = json.load(f)
+    for k in section:
+      have = have[k]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("cannot compare the config with %s (%s); the checkpoint "
+                    "itself is checked when it is restored", path, e)
+    return
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+  diff = [f"{k}: checkpoint {norm(have.get(k))!r} vs config {norm(want[k])!r}"
+          for k in keys if k in have and norm(have[k]) != norm(want[k])]
+  if diff:
+    raise CheckpointMismatchError(
+        f"--workdir={workdir} holds checkpoints (newest step {max(done)}) of "
+        f"another architecture: {', '.join(diff)}; " + _fix(workdir))
+
+
+def tree_layout(tree) -> Dict[str, Tuple]:
+  """``{'a/b/0/c': (shape, dtype)}`` for every array leaf of ``tree``."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, "shape"):
+      out[_path_str(path)] = (tuple(leaf.shape),
+                              str(getattr(leaf, "dtype", "")))
+  return out
+
+
+def layout_diff(have: Dict[str, Tuple], want: Dict[str, Tuple]) -> List[str]:
+  """One line per path whose shape differs, or that only one side has;
+  model parameters first, optimizer state last."""
+  diff = []
+  for p in sorted(set(have) | set(want), key=lambda p: (_is_opt(p), p)):
+    if p not in want:
+      diff.append(f"{p}: in the checkpoint {_fmt(have[p])}, not in the config")
+    elif p not in have:
+      diff.append(f"{p}: in the config {_fmt(want[p])}, not in the checkpoint")
+    elif have[p][0] != want[p][0]:
+      diff.append(f"{p}: checkpoint {_fmt(have[p])} vs config {_fmt(want[p])}")
+  return diff
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _fmt(layout: Tuple) -> str:
+  shape, dtype = layout
+  return f"{shape} {dtype}".strip()
+
+
+def _is_opt(path: str) -> bool:
+  """Optimizer state (``opt_state``, ``disc_opt_state``), not the model."""
+  return "opt_state" in path.split("/")[0]
+
+
+def _fix(workdir: str) -> str:
+  if os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+    how = (f"resume with the config the run was started with (saved under "
+           f"\"train_config\" in {os.path.join(workdir, MODEL_FILE)})")
+  else:
+    how = "resume with the config the run was started with"
+  return f"{how}, or pass a new --workdir to start another run"
+
+
+def _model_kind(workdir: str) -> Optional[str]:
+  try:
+    with open(os.path.join(workdir, MODEL_FILE)) as f:
+      return json.load(f).get("kind")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def _mismatch_message(workdir: str, step: int, diff: List[str], total: int,
+                      params_match: bool) -> str:
+  listed = "; ".join(diff[:MAX_LISTED])
+  if len(diff) > MAX_LISTED:
+    listed += f"; and {len(diff) - MAX_LISTED} more"
+  fix = _fix(workdir)
+  if params_match and _model_kind(workdir) == "vqgan":
+    fix += (" (only the optimizer state differs: to continue from this "
+            "run's weights with the new optimizer settings, start a new "
+            f"--workdir with --config.init_from={workdir})")
+  return (f"--workdir={workdir} holds checkpoints of another model or "
+          f"optimizer than this config builds (step {step}: {len(diff)} of "
+          f"{total} arrays differ: {listed}); {fix}")
 
 
 def abstract_with_shardings(tree, shardings):

@@ -4,8 +4,9 @@ Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
 ``--config.FIELD=VALUE`` overrides), ``--workdir``, and the multi-host
 options. The trainer module's ``train_and_evaluate(config, workdir)`` runs.
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
-path or dataset (one ``error:`` line on stderr), 3 too many non-finite
-steps in a row.
+path or dataset, or a workdir whose checkpoints hold another model or
+optimizer than the config (one ``error:`` line on stderr; nothing in the
+workdir is touched), 3 too many non-finite steps in a row.
 """
 import importlib
 import logging
@@ -47,7 +48,8 @@ def run(trainer_module: str) -> None:
     try:
       last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (validation.ConfigError, FileNotFoundError) as e:
-      # A bad config, path or dataset: one line, no traceback.
+      # A bad config, path or dataset, or a workdir of another architecture
+      # (checkpoints.CheckpointMismatchError): one line, no traceback.
       print(f"error: {e}", file=sys.stderr)
       sys.exit(validation.EXIT_CONFIG)
     except FloatingPointError as e:  # max_bad_steps non-finite steps in a row

@@ -349,6 +349,13 @@ def sample_grid(model, params, vq_model, vq_vars, layout: Layout, config,
 # The loop
 
 
+# config.gpt fields that make another model; resuming a workdir trained with
+# other values is refused (checkpoints.check_resume). Other shape changes
+# (block_size, vocabulary) are caught from the checkpoint's stored shapes.
+GPT_ARCH = ("n_layer", "n_head", "n_embd", "n_unmasked", "norm", "mlp",
+            "position_embedding")
+
+
 def validate_config(config) -> None:
   if not config.vqgan_workdir:
     raise ValueError("config.vqgan_workdir is empty: point it to a stage-1 "
@@ -374,6 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   """Trains (or resumes) a stage-2 GPT in ``workdir``; returns last metrics."""
   validation.validate_transformer(config, extra=validate_config)
   workdir = os.path.abspath(workdir)
+  checkpoints.check_resume(  # another architecture in this workdir: exit 2
+      workdir, config.gpt.to_dict(), GPT_ARCH, section=("train_config", "gpt"))
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   n_dev = mesh.devices.size
   if config.batch_size % n_dev:

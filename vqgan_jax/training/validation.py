@@ -14,7 +14,8 @@ import os
 from typing import Any, Callable, Dict, Optional
 
 # Exit codes of the training scripts (launch.py).
-EXIT_CONFIG = 2  # a bad config, path or dataset: fix the command line
+EXIT_CONFIG = 2  # a bad config, path or dataset, or a workdir of another
+# architecture (checkpoints.CheckpointMismatchError): fix the command line
 EXIT_NONFINITE = 3  # max_bad_steps non-finite steps in a row
 
 GROUPNORM_GROUPS = 32  # modules.Normalize
@@ -236,6 +237,12 @@ def validate_transformer(config, num_devices: Optional[int] = None,
     raise ConfigError(f"config.gpt.n_embd={g.n_embd} is not divisible by "
                       f"config.gpt.n_head={g.n_head}; use a multiple of "
                       f"{g.n_head}")
+  from vqgan_jax import gpt as gpt_lib  # pylint: disable=g-import-not-at-top
+  for field, valid in (("norm", gpt_lib.NORMS), ("mlp", gpt_lib.MLPS),
+                       ("position_embedding", gpt_lib.POSITION_EMBEDDINGS),
+                       ("remat_policy", gpt_lib.REMAT_POLICIES)):
+    if field in g and g[field] not in valid:
+      raise ConfigError(f"config.gpt.{field}={g[field]!r}; valid: {valid}")
   if config.optim.schedule not in SCHEDULES:
     raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; "
                       f"valid: {SCHEDULES}")

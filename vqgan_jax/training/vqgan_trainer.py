@@ -523,6 +523,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   validation.validate_vqgan(config, extra=validate_config)
   workdir = os.path.abspath(workdir)
+  checkpoints.check_resume(  # another architecture in this workdir: exit 2
+      workdir, vqgan_lib.model_config(vqgan_lib.from_config(
+          config.model.to_dict())), validation.VQGAN_ARCH)
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   _check_batch(config, mesh)
   primary = jax.process_index() == 0
