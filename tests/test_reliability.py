@@ -282,6 +282,26 @@ runpy.run_path("train_vqgan.py", run_name="__main__")
 
 
 @pytest.mark.slow
+def _check_stopped_after_steps_5_to_7(r, wd):
+  """The run poisoned from step 5 with max_bad_steps=3 and checkpoints every
+  2 steps exited 3 with one line naming steps 5-7 and checkpoint 4, logged
+  each skip and counted them in metrics.jsonl; returns the rows by step."""
+  assert r.returncode == validation.EXIT_NONFINITE, (r.returncode, r.stderr[-4000:])
+  assert "Traceback" not in r.stderr
+  err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1, r.stderr[-4000:]
+  assert "3 non-finite steps in a row (steps 5-7, config.max_bad_steps=3)" in err[0]
+  assert f"last good checkpoint is step 4 in {wd / 'checkpoints'}" in err[0]
+  for s in (5, 6, 7):
+    assert f"step {s}: the loss or a gradient is not finite; update skipped" in r.stderr
+  rows = {row["step"]: row for row in tu.rows(wd)}
+  assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+  assert [rows[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 1]
+  assert [rows[s]["skipped_total"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 2]
+  assert all(np.isfinite(rows[s]["loss"]) for s in range(1, 5))
+  return rows
+
+
 def test_poisoned_batches_through_the_pipeline_stop_the_run_naming_step_and_checkpoint(tmp_path):
   """Real pipeline over a folder with every kind of bad file: bad files are
   skipped / converted / enlarged and counted in metrics; from step 5 every
@@ -297,19 +317,7 @@ def test_poisoned_batches_through_the_pipeline_stop_the_run_naming_step_and_chec
           "--config.checkpoint_every=2", "--config.log_every=1", "--config.max_bad_steps=3",
           "--config.eval_every=0", "--config.image_every=0"]
   r = tu.run_python(args, check=False, timeout=600)
-  assert r.returncode == validation.EXIT_NONFINITE, (r.returncode, r.stderr[-4000:])
-  assert "Traceback" not in r.stderr
-  err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-  assert len(err) == 1, r.stderr[-4000:]
-  assert "3 non-finite steps in a row (steps 5-7, config.max_bad_steps=3)" in err[0]
-  assert f"last good checkpoint is step 4 in {wd / 'checkpoints'}" in err[0]
-  for s in (5, 6, 7):
-    assert f"step {s}: the loss or a gradient is not finite; update skipped" in r.stderr
-  rows = {row["step"]: row for row in tu.rows(wd)}
-  assert sorted(rows) == [1, 2, 3, 4, 5, 6]
-  assert [rows[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 1]
-  assert [rows[s]["skipped_total"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 2]
-  assert all(np.isfinite(rows[s]["loss"]) for s in range(1, 5))
+  rows = _check_stopped_after_steps_5_to_7(r, wd)
   # Bad files: corrupt + truncated skipped, notes.txt ignored, tiny enlarged.
   assert rows[6]["skipped_corrupt"] == 2 and rows[6]["ignored_files"] == 1
   assert rows[6]["upscaled"] >= 1 and rows[6]["num_examples"] == 16
@@ -357,19 +365,7 @@ def test_poisoned_batches_stop_a_stage2_run_naming_steps_and_checkpoint(tmp_path
                      "--config.checkpoint_every=2", "--config.log_every=1",
                      "--config.max_bad_steps=3", "--config.eval_every=0",
                      "--config.sample_every=0"], check=False, timeout=600)
-  assert r.returncode == validation.EXIT_NONFINITE, (r.returncode, r.stderr[-4000:])
-  assert "Traceback" not in r.stderr
-  err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-  assert len(err) == 1, r.stderr[-4000:]
-  assert "3 non-finite steps in a row (steps 5-7, config.max_bad_steps=3)" in err[0]
-  assert f"last good checkpoint is step 4 in {wd / 'checkpoints'}" in err[0]
-  for s in (5, 6, 7):
-    assert f"step {s}: the loss or a gradient is not finite; update skipped" in r.stderr
-  rows = {row["step"]: row for row in tu.rows(wd)}
-  assert sorted(rows) == [1, 2, 3, 4, 5, 6]
-  assert [rows[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 1]
-  assert [rows[s]["skipped_total"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 2]
-  assert all(np.isfinite(rows[s]["loss"]) for s in range(1, 5))
+  rows = _check_stopped_after_steps_5_to_7(r, wd)
   assert not any(np.isfinite(float(rows[s]["loss"])) for s in (5, 6))  # logged as "nan"
   ck = checkpoints.Checkpointer(str(wd))
   assert ck.all_steps() == [2, 4]

@@ -7,8 +7,13 @@ abs, q_loss 1e-5 relative, indices identical at every position.
 The decoder's upsampling conv runs in phase form (`modules.upsample_conv`);
 its values, gradients and forward-mode derivatives equal the direct form
 (nearest x2, then the 3x3 conv) within 1e-5 relative in float32, and XLA
-counts well under half the direct form's FLOPs.
+counts well under half the direct form's FLOPs. `modules.GroupNorm` equals
+a float64 two-pass group norm (also far from zero mean, where a one-pass
+variance loses digits) and `nn.GroupNorm` on ordinary inputs; `conv2d`'s
+row-block kernel gradient (CPU) equals XLA's for 3x3, 1x1, strided and
+unevenly sized convolutions, in reverse and forward mode.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +167,64 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv():
   assert flops(modules.upsample_conv) < 0.6 * flops(direct)
   with pytest.raises(ValueError, match="3x3 kernel"):
     modules.upsample_conv(x, kernel[:1, :1], bias)
+
+
+def _group_norm_f64(x, scale, bias, groups, eps):
+  b, h, w, c = x.shape
+  g = x.astype(np.float64).reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  y = ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c)
+  return y * scale + bias
+
+
+@pytest.mark.parametrize("offset", [0.0, 3000.0])
+def test_group_norm_equals_float64_two_pass_statistics(offset):
+  rng = np.random.default_rng(1)
+  x = (offset + rng.standard_normal((2, 6, 5, 64))).astype(np.float32)
+  norm = modules.normalize("n", jnp.float32, jnp.float32)
+  variables = norm.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(
+      lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), variables)
+  p = variables["params"]
+  expected = _group_norm_f64(x, np.asarray(p["scale"]), np.asarray(p["bias"]), 32, 1e-6)
+  flax_norm = nn.GroupNorm(num_groups=32, epsilon=1e-6)
+  error = np.max(np.abs(norm.apply(variables, x) - expected))
+  if offset:  # float32 rounding of the input alone is ~2e-4 here
+    assert error < 2e-3, error
+    flax_error = np.max(np.abs(flax_norm.apply(variables, x) - expected))
+    assert flax_error > 10 * error, (flax_error, error)  # one-pass variance
+  else:  # same parameters and values as flax's GroupNorm
+    assert error < 2e-6, error
+    np.testing.assert_allclose(norm.apply(variables, x), flax_norm.apply(variables, x),
+                               atol=2e-6)
+    grad = lambda f: jax.grad(lambda v: jnp.sum(jnp.sin(f(v, x))))(variables)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+                 grad(norm.apply), grad(flax_norm.apply))
+  bf = modules.normalize("n", jnp.bfloat16, jnp.float32).apply(variables, x)
+  assert bf.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape,ksize,strides,padding", [
+    ((2, 128, 128, 4), 3, 1, 1),               # 3x3 over >= 32k positions
+    ((1, 256, 256, 3), 3, 2, ((0, 1), (0, 1))),  # the encoder's downsample
+    ((1, 100, 90, 5), 1, 1, 0),                # 1x1, rows not a block multiple
+    ((3, 131, 97, 2), 3, 1, 1),                # odd sizes, padded blocks
+])
+def test_conv2d_row_block_kernel_gradient_equals_xla(shape, ksize, strides, padding):
+  assert jax.default_backend() == "cpu"
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((ksize, ksize, shape[-1], 6)) * 0.2, jnp.float32)
+  assert modules._row_block_kernel_grad_pays(x.shape, kernel.shape, strides)
+  pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
+  plain = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (strides, strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = lambda x, k: modules.conv2d(x, k, strides=strides, padding=padding)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel),
+                  jax.jit(jax.grad(loss(plain), (0, 1)))(x, kernel)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+  tangents = (jnp.ones_like(x), jnp.full_like(kernel, 0.5))
+  np.testing.assert_allclose(jax.jvp(ours, (x, kernel), tangents)[1],
+                             jax.jvp(plain, (x, kernel), tangents)[1], atol=1e-4)

@@ -189,23 +189,27 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
         a, b = jnp.tile(a, (1, 1, 1, 3)), jnp.tile(b, (1, 1, 1, 3))
       return lpips_model.apply(jax.lax.stop_gradient(lpips_vars), a, b)
 
-    def rec_terms(rec):
+    def nll_term(rec):
       nll, parts = losses.reconstruction_loss(
           x, rec, perceptual if lpips_model is not None else None,
           perceptual_weight=lc.perceptual_weight)
+      return nll, (parts["l1_loss"], parts["p_loss"])
+
+    def gan_term(rec):
       logits_fake, new_stats = disc.apply(
           {"params": dparams, **state["disc_state"]}, rec, train=True,
           mutable=list(state["disc_state"].keys()))
-      g = losses.generator_gan_loss(logits_fake)
-      return (nll, g), (new_stats, parts["l1_loss"], parts["p_loss"])
+      return losses.generator_gan_loss(logits_fake), new_stats
 
-    # Gradients of both terms w.r.t. the reconstruction from one forward of
-    # LPIPS and the discriminator; their images under the last conv's VJP
-    # are the kernel gradients the adaptive weight compares.
-    (nll, g_loss), terms_vjp, (disc_state, l1, p_loss) = jax.vjp(
-        rec_terms, rec, has_aux=True)
-    d_nll, = terms_vjp((jnp.ones_like(nll), jnp.zeros_like(g_loss)))
-    d_g, = terms_vjp((jnp.zeros_like(nll), jnp.ones_like(g_loss)))
+    # The gradient of each term w.r.t. the reconstruction, each from one
+    # backward pass (LPIPS for the first, the discriminator for the second);
+    # their images under the last conv's VJP are the kernel gradients the
+    # adaptive weight compares, and their weighted sum continues into the
+    # decoder.
+    nll, nll_vjp, (l1, p_loss) = jax.vjp(nll_term, rec, has_aux=True)
+    g_loss, gan_vjp, disc_state = jax.vjp(gan_term, rec, has_aux=True)
+    d_nll, = nll_vjp(jnp.ones_like(nll))
+    d_g, = gan_vjp(jnp.ones_like(g_loss))
     nll_grad_w = head_vjp(d_nll)[0]
     g_grad_w = head_vjp(d_g)[0]
     if fixed_gan_weight:
