@@ -11,7 +11,7 @@ counts well under half the direct form's FLOPs. `modules.GroupNorm` equals
 a float64 two-pass group norm (also far from zero mean, where a one-pass
 variance loses digits) and `nn.GroupNorm` on ordinary inputs; `conv2d`'s
 row-block kernel gradient (CPU) equals XLA's for 3x3, 1x1, strided and
-unevenly sized convolutions, in reverse and forward mode.
+unevenly sized convolutions, in reverse and forward mode and under vmap.
 """
 import flax.linen as nn
 import jax
@@ -228,3 +228,8 @@ def test_conv2d_row_block_kernel_gradient_equals_xla(shape, ksize, strides, padd
   tangents = (jnp.ones_like(x), jnp.full_like(kernel, 0.5))
   np.testing.assert_allclose(jax.jvp(ours, (x, kernel), tangents)[1],
                              jax.jvp(plain, (x, kernel), tangents)[1], atol=1e-4)
+  # Per-example kernel gradients (vmap of grad) agree too.
+  pair = jnp.stack([x, x[::-1]])
+  np.testing.assert_allclose(
+      jax.vmap(jax.grad(loss(ours), 1), (0, None))(pair, kernel),
+      jax.vmap(jax.grad(loss(plain), 1), (0, None))(pair, kernel), rtol=1e-5, atol=1e-4)

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import linear_call
 
 Dtype = Any
 
@@ -187,9 +186,10 @@ def conv2d(x, kernel, bias=None, *, strides: int = 1, padding: Any = 1,
 
   Exposed so that a trainer can differentiate with respect to one kernel
   (the decoder's ``conv_out``) in isolation. On CPU, large, 1x1 and
-  strided convolutions take their kernel gradient from
-  `_kernel_grad_by_row_blocks`: the same values and derivatives in every
-  mode; only how the reverse-mode kernel gradient is computed differs.
+  strided convolutions take their kernel gradient from the transpose of
+  `_conv_by_row_blocks`: the same values and derivatives in every mode
+  (and under vmap); only how the reverse-mode kernel gradient is computed
+  differs.
   """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
@@ -210,10 +210,10 @@ def conv2d(x, kernel, bias=None, *, strides: int = 1, padding: Any = 1,
 # channels, one thread, jax 0.10, a 3x3 conv over 2 x 256 x 256 takes 0.42 s
 # forward and 3.3-4.7 s for its kernel gradient (torch: ~1 s); a 1x1 conv
 # over 256 x 256, 63 ms and 306 ms; the encoder's stride-2 conv from
-# 256 x 256, 58 ms and 171 ms. There `_kernel_grad_by_row_blocks` takes
-# 0.30 s (at 1 x 256 x 256), 34 ms and 95 ms. For 3x3 stride-1 convs below
-# ~32k output positions XLA's own is faster (80 against 109 ms at
-# 1 x 128 x 128).
+# 256 x 256, 58 ms and 171 ms. There the transpose of `_conv_by_row_blocks`
+# takes 0.30-0.34 s (at 1 x 256 x 256), 34 ms and 95 ms. For 3x3 stride-1
+# convs below ~32k output positions XLA's own is faster (80 against 109 ms
+# at 1 x 128 x 128).
 ROW_BLOCK_MIN_POSITIONS = {"3x3": 32768, "other": 8192}
 _ROW_BLOCK_POSITIONS = 1024  # output positions per block of rows
 
@@ -233,44 +233,51 @@ def _lax_conv(x, kernel, strides, padding):
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _kernel_grad_by_row_blocks(x, ct, kernel_shape, strides, padding):
-  """The kernel gradient of `_lax_conv(x, kernel)` for the output cotangent
-  ``ct``, one block of output rows at a time (`lax.scan`): the block's input
-  windows laid side by side (an im2col of ~1,000 positions) times the
-  block's cotangent, one matrix product per block, summed in float32."""
-  kh, kw, ci, co = kernel_shape
-  b, ho, wo, _ = ct.shape
+def _conv_by_row_blocks(x, kernel, strides, padding):
+  """`_lax_conv` computed one block of ~1,000 output positions at a time
+  (`lax.map` over blocks of output rows): each block's input windows laid
+  side by side (an im2col) times the flattened kernel.
+
+  It is linear in the kernel, and its transpose with respect to the kernel,
+  which JAX derives (the map reversed, each block's im2col transposed times
+  the block's cotangent, accumulated in float32), is the fast kernel
+  gradient on CPU. The block recomputes its im2col in the backward pass
+  (`jax.checkpoint`) instead of keeping 9x the input alive.
+  """
+  kh, kw, ci, co = kernel.shape
+  b, h, w, _ = x.shape
+  (top, bottom), (left, right) = padding
+  ho = (h + top + bottom - kh) // strides + 1
+  wo = (w + left + right - kw) // strides + 1
   rows = max(1, min(ho, _ROW_BLOCK_POSITIONS // (b * wo)))
   blocks = -(-ho // rows)
-  extra = blocks * rows - ho  # zero rows: they add nothing
-  ct = jnp.pad(ct, ((0, 0), (0, extra), (0, 0), (0, 0)))
-  (top, bottom), (left, right) = padding
+  extra = blocks * rows - ho  # zero rows past the end, cut off below
   xp = jnp.pad(x, ((0, 0), (top, bottom + extra * strides), (left, right),
                    (0, 0)))
   span = (rows - 1) * strides + kh
+  flat_kernel = kernel.reshape(kh * kw * ci, co)
 
-  def block(acc, r):
+  @jax.checkpoint
+  def block(flat_kernel, xp, r):
     xs = jax.lax.dynamic_slice_in_dim(xp, r * rows * strides, span, axis=1)
-    cs = jax.lax.dynamic_slice_in_dim(ct, r * rows, rows, axis=1)
     cols = jnp.concatenate([
         jax.lax.slice(xs, (0, i, j, 0),
                       (b, i + (rows - 1) * strides + 1,
                        j + (wo - 1) * strides + 1, ci),
                       (1, strides, strides, 1))
         for i in range(kh) for j in range(kw)], axis=-1)
-    return acc + jnp.dot(cols.reshape(-1, kh * kw * ci).T,
-                         cs.reshape(-1, co),
-                         preferred_element_type=jnp.float32), None
+    y = jnp.dot(cols.reshape(-1, kh * kw * ci), flat_kernel,
+                preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(b, rows, wo, co)
 
-  acc, _ = jax.lax.scan(block, jnp.zeros((kh * kw * ci, co), jnp.float32),
-                        jnp.arange(blocks))
-  return acc.reshape(kernel_shape).astype(x.dtype)
+  ys = jax.lax.map(lambda r: block(flat_kernel, xp, r), jnp.arange(blocks))
+  return ys.transpose(1, 0, 2, 3, 4).reshape(b, blocks * rows, wo, co)[:, :ho]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv_row_block_kernel_grad(x, kernel, strides, padding):
-  """`_lax_conv`; its reverse-mode kernel gradient is computed by
-  `_kernel_grad_by_row_blocks`."""
+  """`_lax_conv`; its kernel tangent goes through `_conv_by_row_blocks`,
+  whose transpose is the reverse-mode kernel gradient."""
   return _lax_conv(x, kernel, strides, padding)
 
 
@@ -278,15 +285,9 @@ def _conv_row_block_kernel_grad(x, kernel, strides, padding):
 def _conv_row_block_kernel_grad_jvp(strides, padding, primals, tangents):
   x, kernel = primals
   dx, dkernel = tangents
-  # The kernel term is linear in dkernel with x as a residual; linear_call
-  # gives it the row-block transpose (forward mode still runs the conv).
-  kernel_term = linear_call(
-      lambda x, dk: _lax_conv(x, dk, strides, padding),
-      lambda x, ct: _kernel_grad_by_row_blocks(x, ct, kernel.shape,
-                                               strides, padding),
-      x, dkernel)
   return (_lax_conv(x, kernel, strides, padding),
-          _lax_conv(dx, kernel, strides, padding) + kernel_term)
+          _lax_conv(dx, kernel, strides, padding) +
+          _conv_by_row_blocks(x, dkernel, strides, padding))
 
 
 def _nearest_x2(x):
