@@ -214,7 +214,7 @@ def conv2d(x, kernel, bias=None, *, strides: int = 1, padding: Any = 1,
 # takes 0.30-0.34 s (at 1 x 256 x 256), 34 ms and 95 ms. For 3x3 stride-1
 # convs below ~32k output positions XLA's own is faster (80 against 109 ms
 # at 1 x 128 x 128).
-ROW_BLOCK_MIN_POSITIONS = {"3x3": 32768, "other": 8192}
+ROW_BLOCK_MIN_POSITIONS = {"kxk_stride1": 32768, "1x1_or_strided": 8192}
 _ROW_BLOCK_POSITIONS = 1024  # output positions per block of rows
 
 
@@ -224,7 +224,8 @@ def _row_block_kernel_grad_pays(x_shape, kernel_shape, strides) -> bool:
     return False
   positions = x_shape[0] * x_shape[1] * x_shape[2] // strides**2
   plain = kernel_shape[0] > 1 and strides == 1
-  return positions >= ROW_BLOCK_MIN_POSITIONS["3x3" if plain else "other"]
+  return positions >= ROW_BLOCK_MIN_POSITIONS[
+      "kxk_stride1" if plain else "1x1_or_strided"]
 
 
 def _lax_conv(x, kernel, strides, padding):
