@@ -107,8 +107,14 @@ def build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr,
   return step
 
 
-def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x):
-  """``(step, compile seconds, compiled)`` of our stage-1 trainer's step."""
+def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
+               init_cache=None):
+  """``(step, compile seconds, compiled)`` of our stage-1 trainer's step.
+
+  With a dict `init_cache`, the first call keeps its initial state there and
+  later calls (another compute dtype: the same float32 state) start from a
+  copy of it instead of compiling the initialiser again (75 s on the H200).
+  """
   from vqgan_jax.training import defaults
   from vqgan_jax.training import sharding
   from vqgan_jax.training import vqgan_trainer as vt
@@ -126,7 +132,14 @@ def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x):
   c.batch_size = batch
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   run = vt.create(c, mesh)
-  holder = {"state": run.init_fn(jax.random.PRNGKey(0))}
+  if init_cache is not None and "state" in init_cache:
+    state = jax.device_put(jax.tree.map(jnp.copy, init_cache["state"]),
+                           run.state_shardings)
+  else:
+    state = run.init_fn(jax.random.PRNGKey(0))
+    if init_cache is not None:  # the step donates its state: keep a copy
+      init_cache["state"] = jax.tree.map(jnp.copy, state)
+  holder = {"state": state}
   batch_ = {"image": jax.device_put(jnp.asarray(x), run.batch_sharding)}
   compiled = []
   compile_s = common.timed(lambda: compiled.append(
@@ -171,10 +184,11 @@ def main(argv=None):
   lr = 4.5e-6 * args.batch
 
   ref_step = build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr)
+  init_cache = {}
   ours32, c32, _ = build_ours(dd, n_embed, embed_dim, args.batch, "float32",
-                           vgg_path, lin_path, x)
+                              vgg_path, lin_path, x, init_cache)
   ours16, c16, _ = build_ours(dd, n_embed, embed_dim, args.batch, "bfloat16",
-                           vgg_path, lin_path, x)
+                              vgg_path, lin_path, x, init_cache)
   shutil.rmtree(tmp)  # the 528 MB VGG16 file is loaded by now
   last = {}
 

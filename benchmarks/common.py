@@ -7,6 +7,8 @@ import time
 from typing import Callable, Dict, List
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def machine() -> str:
@@ -43,3 +45,23 @@ def timed(fn: Callable[[], object]) -> float:
   t = time.perf_counter()
   fn()
   return time.perf_counter() - t
+
+
+def host_drawn_state(shapes, seed: int = 0, std: float = 0.02):
+  """A train state of `shapes` (from `jax.eval_shape`) drawn on the host.
+
+  Floating leaves under 'params' (not the optimizer's moments) are normal
+  with standard deviation `std`; every other leaf is zero. For timing only:
+  the values do not change a step's work, and XLA's initialiser for large
+  models compiles for a minute or more on a GPU (threefry per parameter).
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    keys = jax.tree_util.keystr(path)
+    if ("'params'" in keys and "opt_state" not in keys
+        and jnp.issubdtype(s.dtype, jnp.floating)):
+      return (std * rng.standard_normal(s.shape, np.float32)).astype(s.dtype)
+    return np.zeros(s.shape, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

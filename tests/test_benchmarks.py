@@ -127,3 +127,43 @@ def test_cli_rejects_bad_values_by_name():
   with pytest.raises(ValueError, match="--only='nope'"):
     suite.run_section("nope", None, {})
   assert np.isfinite(suite.gpt_train_flops(1, 8, 16, 4, 2))
+
+
+def test_host_drawn_state_keeps_the_tree_and_draws_only_parameters():
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.ones((64, 32)), "ln": {"scale": jnp.ones((32,))}}
+  shapes = jax.eval_shape(lambda: {
+      "step": jnp.zeros((), jnp.int32), "params": params,
+      "opt_state": optax.adamw(1e-3).init(params),
+      "rng": jax.random.PRNGKey(0)})
+  state = common.host_drawn_state(shapes, std=0.02)
+  assert jax.tree.structure(state) == jax.tree.structure(shapes)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(shapes)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+  w = state["params"]["w"]
+  assert 0.015 < float(np.std(w)) < 0.025 and np.all(np.isfinite(w))
+  # Adam's moments and the counters stay zero (no sign of a trained state).
+  assert all(not np.any(x) for x in jax.tree.leaves(state["opt_state"]))
+  assert not np.any(state["rng"]) and state["step"] == 0
+  again = common.host_drawn_state(shapes, std=0.02)
+  np.testing.assert_array_equal(again["params"]["w"], w)  # seeded
+
+
+def test_stage2_probe_profile_sums_kernel_time(tmp_path, capsys):
+  from benchmarks import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
+  f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+  a = jnp.ones((128, 128))
+  f(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(2):
+      f(a).block_until_ready()
+  probe.kernel_profile(str(tmp_path), steps=2)
+  out = capsys.readouterr().out
+  assert "ms of kernel time per step" in out
+  for cls in ("matmul", "attention", "other"):
+    assert cls in out
+  assert probe._classify("nvjet_sm90_tst_128x160") == "matmul"  # pylint: disable=protected-access
+  assert probe._classify(  # pylint: disable=protected-access
+      "cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+  assert probe._classify("loop_convert_multiply_fusion") == "other"  # pylint: disable=protected-access

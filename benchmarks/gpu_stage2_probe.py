@@ -1,0 +1,200 @@
+"""Stage-2 training step: variants timed in one process, and a kernel profile.
+
+    python3 -m benchmarks.gpu_stage2_probe                  # GPU sizes
+    python3 -m benchmarks.gpu_stage2_probe --tiny           # e.g. on CPU
+
+Times our bfloat16 training step (the trainer's `make_train_step`, donated
+state, as in `python -m benchmarks --only=train_transformer`) for several
+variants of one GPT (default: the 24 x 1024 GPT of the gpu preset, vocab
+16384, 512 tokens), each as the median of single synchronised steps and as
+the mean of steps dispatched back to back, with MFU by model FLOPs
+(`suite.gpt_train_flops`) against the card's bf16 peak. Then it traces a few
+steps of the first variant with `jax.profiler` and sums the device's kernel
+time by kernel, in classes (matrix products, attention, the rest), so the
+gap between the step time and the matrix-product time has names.
+
+Parameters are drawn on the host (normal, std 0.02) rather than by the jitted
+initialiser: the values do not change the step's work, and initialising 336M
+parameters through XLA took most of a minute on the H200.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import statistics
+import tempfile
+import time
+
+VARIANTS = {
+    # name: (gpt options, batch multiplier)
+    "base": ({}, 1),
+    "batch2x": ({}, 2),
+    "xla_attention": ({"attention_impl": "xla"}, 1),
+}
+_GEMM = ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "dot")
+# Lines of a GPU plane that summarise the kernels on its stream lines.
+_DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "TensorFlow",
+                  "Steps", "Source", "Framework", "Launch")
+_ATTN = ("cudnn", "flash", "fmha", "sdpa", "attention")
+
+
+def _classify(name: str) -> str:
+  low = name.lower()
+  if any(k in low for k in _ATTN):
+    return "attention"
+  if any(k in low for k in _GEMM):
+    return "matmul"
+  return "other"
+
+
+def kernel_profile(trace_dir: str, steps: int, top: int = 15):
+  """Prints device kernel time per step from a `jax.profiler` trace."""
+  from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
+                    recursive=True)
+  if not files:
+    print("  profile: no trace written")
+    return
+  data = ProfileData.from_file(files[0])
+  planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+  where = "GPU kernels"
+  if not planes:  # CPU: XLA's thunks on the client's threads
+    planes = [p for p in data.planes if p.name == "/host:CPU"]
+    where = "CPU (XLA ops on the client's threads; no GPU plane)"
+  on_device = planes[0].name.startswith("/device")
+  by_name = collections.defaultdict(lambda: [0.0, 0])
+  for plane in planes:
+    names = [line.name for line in plane.lines]
+    if on_device:
+      print(f"  profile: {plane.name} lines {names}")
+    for line in plane.lines:
+      if on_device and line.name.startswith(_DERIVED_LINES):
+        continue  # derived lines repeat the kernels of the stream lines
+      if not on_device and "XLA" not in line.name:
+        continue
+      for ev in line.events:
+        if ev.name.startswith("ThreadpoolListener"):
+          continue
+        rec = by_name[ev.name]
+        rec[0] += ev.duration_ns / 1e6
+        rec[1] += 1
+  total = sum(v[0] for v in by_name.values())
+  classes = collections.defaultdict(float)
+  for name, (ms, _) in by_name.items():
+    classes[_classify(name)] += ms
+  print(f"  profile ({where}): {total / steps:.2f} ms of kernel time per "
+        f"step, {len(by_name)} distinct kernels")
+  for cls in ("matmul", "attention", "other"):
+    print(f"    {cls:10s} {classes[cls] / steps:8.2f} ms/step "
+          f"({100 * classes[cls] / max(total, 1e-9):5.1f}%)")
+  print(f"  top {top} kernels (ms per step, launches per step):")
+  for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+    print(f"    {ms / steps:8.3f}  {n / steps:6.1f}  [{_classify(name)}] "
+          f"{name[:110]}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tiny", action="store_true")
+  p.add_argument("--variants", default="base,batch2x,xla_attention")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--trace_steps", type=int, default=3)
+  p.add_argument("--out", default="", help="also append the output here")
+  a = p.parse_args(argv)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import common, suite, table  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+
+  sizes = dict(suite.PRESETS["tiny" if a.tiny else "gpu"]["train_transformer"])
+  layers, width, heads = sizes["layers"], sizes["width"], sizes["heads"]
+  vocab, tokens, batch0 = sizes["vocab"], sizes["tokens"], sizes["batch"]
+  peak = table.peak_for(a.dtype)
+  print(f"stage-2 probe: {jax.devices()[0].device_kind}, GPT {layers}x{width}"
+        f", {heads} heads, vocab {vocab}, {tokens} tokens, batch {batch0}, "
+        f"{a.dtype}, peak {peak} TFLOP/s", flush=True)
+  t0 = time.perf_counter()
+  rng = np.random.default_rng(0)
+  host_state = None
+  results = []
+  for vi, name in enumerate(a.variants.split(",")):
+    opts, mult = VARIANTS[name]
+    batch = batch0 * mult
+    cfg = defaults.transformer_config()
+    cfg.conditioning.kind = "class"
+    cfg.conditioning.num_classes = 10
+    cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
+    cfg.gpt.update(dict(n_layer=layers, n_head=heads, n_embd=width,
+                        dtype=a.dtype))
+    for k, v in opts.items():
+      cfg.gpt[k] = v
+    layout = tt.make_layout(cfg, vocab, (1, tokens))
+    model = tt.build_model(cfg, layout)
+    tx = tt.make_optimizer(cfg)
+    if host_state is None:
+      host_state = common.host_drawn_state(jax.eval_shape(
+          lambda r, m=model, t=tx: tt.init_state(m, t, r),
+          jax.random.PRNGKey(0)))
+      print(f"  [{time.perf_counter() - t0:6.1f} s] parameters drawn on the "
+            "host", flush=True)
+    state = jax.device_put(host_state)
+    z = rng.integers(0, vocab, (batch, 1, tokens)).astype(np.int32)
+    c = rng.integers(0, 10, (batch, 1)).astype(np.int32)
+    data = {"codes": jnp.asarray(z), "cond": jnp.asarray(c)}
+    step, _ = tt.make_train_step(model, tx, cfg, layout)
+    t = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, data).compile()
+    secs = time.perf_counter() - t
+    for _ in range(2):
+      state, m = compiled(state, data)
+    jax.block_until_ready(m["loss"])
+    single = []
+    for _ in range(a.steps):
+      t = time.perf_counter()
+      state, m = compiled(state, data)
+      jax.block_until_ready(m["loss"])
+      single.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(a.steps):
+      state, m = compiled(state, data)
+    jax.block_until_ready(m["loss"])
+    piped = (time.perf_counter() - t) / a.steps
+    med = statistics.median(single)
+    flops = suite.gpt_train_flops(layers, width, vocab, tokens, batch)
+    mfu = (100 * flops / min(med, piped) / 1e12 / peak) if peak else None
+    loss = float(m["loss"])
+    results.append((name, batch, med, piped, mfu, secs, loss))
+    print(f"  [{time.perf_counter() - t0:6.1f} s] {name}: batch {batch}, "
+          f"compile {secs:.1f} s, median {1e3 * med:.2f} ms/step, back to "
+          f"back {1e3 * piped:.2f} ms/step, "
+          f"{batch * tokens / min(med, piped):,.0f} tokens/s"
+          + (f", MFU {mfu:.1f}%" if mfu else "") + f", loss {loss:.3f}",
+          flush=True)
+    if vi == 0 and a.trace_steps:
+      trace_dir = tempfile.mkdtemp()
+      with jax.profiler.trace(trace_dir):
+        for _ in range(a.trace_steps):
+          state, m = compiled(state, data)
+        jax.block_until_ready(m["loss"])
+      kernel_profile(trace_dir, a.trace_steps)
+    del state, compiled
+  lines = ["| variant | batch | median ms/step | back-to-back ms/step | MFU |"
+           " compile s | loss |", "|---|---|---|---|---|---|---|"]
+  for name, batch, med, piped, mfu, secs, loss in results:
+    lines.append(f"| {name} | {batch} | {1e3 * med:.2f} | {1e3 * piped:.2f} "
+                 f"| {f'{mfu:.1f}%' if mfu else 'n/a'} | {secs:.1f} | "
+                 f"{loss:.3f} |")
+  print("\n".join(lines), flush=True)
+  if a.out:
+    with open(a.out, "a", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
