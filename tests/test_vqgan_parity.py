@@ -160,6 +160,18 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv():
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf, np.float32), direct(x, kernel, bias),
                              atol=0.05 * float(jnp.max(jnp.abs(ours))))
+  # bfloat16 compute: the kernel gradient (on CPU by row blocks of the phase
+  # form) stays within bfloat16 rounding of the float32 direct form's.
+  bf_grad = jax.grad(lambda k: jnp.sum(jnp.sin(modules.upsample_conv(
+      x, k, bias, dtype=jnp.bfloat16).astype(jnp.float32))))(kernel)
+  assert bf_grad.dtype == jnp.float32
+  want = jax.grad(loss(direct), 1)(x, kernel, bias)
+  np.testing.assert_allclose(bf_grad, want, atol=0.03 * float(jnp.max(jnp.abs(want))))
+  # Per-example kernel gradients (vmap of grad) equal the direct form's.
+  per_example = lambda f: jax.vmap(lambda xi: jax.grad(loss(f), 1)(
+      xi[None], kernel, bias))(x)
+  close(per_example(modules.upsample_conv), per_example(direct))
+
   def flops(f):
     cost = jax.jit(f).lower(x, kernel, bias).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
