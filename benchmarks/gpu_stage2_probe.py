@@ -108,8 +108,7 @@ def main(argv=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from benchmarks import common, suite, table  # pylint: disable=import-outside-toplevel
-  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
+  from benchmarks import suite, table  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
 
   sizes = dict(suite.PRESETS["tiny" if a.tiny else "gpu"]["train_transformer"])
@@ -126,24 +125,13 @@ def main(argv=None):
   for vi, name in enumerate(a.variants.split(",")):
     opts, mult = VARIANTS[name]
     batch = batch0 * mult
-    cfg = defaults.transformer_config()
-    cfg.conditioning.kind = "class"
-    cfg.conditioning.num_classes = 10
-    cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
-    cfg.gpt.update(dict(n_layer=layers, n_head=heads, n_embd=width,
-                        dtype=a.dtype))
-    for k, v in opts.items():
-      cfg.gpt[k] = v
-    layout = tt.make_layout(cfg, vocab, (1, tokens))
-    model = tt.build_model(cfg, layout)
-    tx = tt.make_optimizer(cfg)
+    cfg, layout, model, tx = suite.gpt_train_setup(
+        layers, width, heads, vocab, tokens, a.dtype, **opts)
     if host_state is None:
-      host_state = common.host_drawn_state(jax.eval_shape(
-          lambda r, m=model, t=tx: tt.init_state(m, t, r),
-          jax.random.PRNGKey(0)))
+      host_state = suite.gpt_host_drawn_state(model, tx)
       print(f"  [{time.perf_counter() - t0:6.1f} s] parameters drawn on the "
             "host", flush=True)
-    state = jax.device_put(host_state)
+    state = jax.tree.map(jnp.copy, host_state)  # each variant donates
     z = rng.integers(0, vocab, (batch, 1, tokens)).astype(np.int32)
     c = rng.integers(0, 10, (batch, 1)).astype(np.int32)
     data = {"codes": jnp.asarray(z), "cond": jnp.asarray(c)}

@@ -241,9 +241,37 @@ def gpt_train_flops(layers: int, width: int, vocab: int, tokens: int,
   return batch * tokens * (6 * n + 12 * layers * tokens * width)
 
 
+def gpt_train_setup(layers, width, heads, vocab, tokens, dtype, **gpt):
+  """``(config, layout, model, optimizer)`` of the benchmarked stage-2 step:
+  a class-conditional GPT over ``tokens`` codes at a fixed learning rate;
+  ``gpt`` sets further `config.gpt` fields."""
+  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+  cfg = defaults.transformer_config()
+  cfg.conditioning.kind = "class"
+  cfg.conditioning.num_classes = 10
+  cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
+  cfg.gpt.update(dict(n_layer=layers, n_head=heads, n_embd=width,
+                      dtype=dtype))
+  for k, v in gpt.items():
+    cfg.gpt[k] = v
+  layout = tt.make_layout(cfg, vocab, (1, tokens))
+  return cfg, layout, tt.build_model(cfg, layout), tt.make_optimizer(cfg)
+
+
+def gpt_host_drawn_state(model, tx):
+  """The stage-2 train state with host-drawn parameters, on the device.
+
+  Not XLA's initialiser: for the 336M GPU model it compiled for about a
+  minute on the H200 (threefry per parameter).
+  """
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+  return jax.device_put(common.host_drawn_state(jax.eval_shape(
+      lambda r: tt.init_state(model, tx, r), jax.random.PRNGKey(0))))
+
+
 def train_transformer(env: Env, layers, width, heads, vocab, tokens,
                       batch) -> Tuple[List[Row], List[str]]:
-  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   z = rng.integers(0, vocab, (batch, tokens)).astype(np.int64)
@@ -253,22 +281,11 @@ def train_transformer(env: Env, layers, width, heads, vocab, tokens,
   fns, ours, errors, init = {}, {}, [], {}
 
   def build(dtype, attention_impl=None):
-    cfg = defaults.transformer_config()
-    cfg.conditioning.kind = "class"
-    cfg.conditioning.num_classes = 10
-    cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
-    cfg.gpt.update(dict(n_layer=layers, n_head=heads, n_embd=width,
-                        dtype=dtype))
-    cfg.gpt.attention_impl = attention_impl
-    layout = tt.make_layout(cfg, vocab, (1, tokens))
-    model = tt.build_model(cfg, layout)
-    tx = tt.make_optimizer(cfg)
+    cfg, layout, model, tx = gpt_train_setup(
+        layers, width, heads, vocab, tokens, dtype,
+        attention_impl=attention_impl)
     if "state" not in init:  # float32 master weights whatever the dtype
-      # Drawn on the host: XLA's initialiser of the 336M GPU model compiled
-      # for about a minute on the H200 (threefry per parameter).
-      init["state"] = jax.device_put(common.host_drawn_state(jax.eval_shape(
-          lambda r, m=model, t=tx: tt.init_state(m, t, r),
-          jax.random.PRNGKey(0))))
+      init["state"] = gpt_host_drawn_state(model, tx)
       log("initialised (parameters drawn on the host)")
     state = jax.tree.map(jnp.copy, init["state"])  # each run donates its own
     step, _ = tt.make_train_step(model, tx, cfg, layout)
