@@ -77,6 +77,30 @@ def test_swiglu_equals_its_formula():
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
+def test_gelu_tanh_mlp_is_the_tanh_formula_on_the_gelu_parameters():
+  """mlp='gelu_tanh' keeps the reference MLP's parameters (a 'gelu' model's
+  params load as they are) and applies GPT-2's tanh GELU between them."""
+  base = gpt_lib.GPT(vocab_size=11, block_size=6, n_layer=2, n_head=2,
+                     n_embd=16)
+  tanh = base.clone(mlp="gelu_tanh")
+  toks = _tokens(2, 6, 11)
+  variables = base.init(jax.random.PRNGKey(0), toks)
+  assert (jax.tree.structure(variables) ==
+          jax.tree.structure(tanh.init(jax.random.PRNGKey(0), toks)))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
+  p = variables["params"]["blocks_0"]["mlp"]
+  h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  c = np.sqrt(2 / np.pi)
+  want = (0.5 * h * (1 + jnp.tanh(c * (h + 0.044715 * h ** 3)))
+          ) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  got = gpt_lib.MLP(16, approximate=True).apply({"params": p}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  exact = gpt_lib.MLP(16).apply({"params": p}, x)
+  assert 0 < float(jnp.abs(exact - got).max()) < 1e-2  # a different GELU
+  np.testing.assert_allclose(tanh.apply(variables, toks),
+                             base.apply(variables, toks), atol=1e-2)
+
+
 def test_zero_head_gives_zero_logits_at_init():
   model = gpt_lib.GPT(vocab_size=11, block_size=6, n_layer=2, n_head=2,
                       n_embd=16, **dict(MODERN, zero_head=True,

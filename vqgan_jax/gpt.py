@@ -168,7 +168,7 @@ def _library_attention(q: Array, k: Array, v: Array, n_unmasked: int,
 
 POSITION_EMBEDDINGS = ("learned", "rope", "rope2d")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
 # What a rematerialised block keeps from its forward pass for the backward
 # pass (everything else is recomputed):
 #   'full': nothing but the block's input (least memory, one extra forward);
@@ -357,12 +357,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-  """Linear(d, 4d) -> exact GELU -> Linear(4d, d) -> dropout."""
+  """Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout.
+
+  The reference's GELU is the exact one (erf); `approximate=True` uses the
+  tanh form of GPT-2 (same parameters, outputs within ~1e-3).
+  """
   n_embd: int
   resid_pdrop: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   deterministic: bool = True
+  approximate: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -370,7 +375,7 @@ class MLP(nn.Module):
                               param_dtype=self.param_dtype, kernel_init=_INIT,
                               bias_init=nn.initializers.zeros)
     x = dense(4 * self.n_embd, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x, approximate=self.approximate)
     x = dense(self.n_embd, name="fc2")(x)
     return nn.Dropout(self.resid_pdrop)(x, deterministic=self.deterministic)
 
@@ -455,10 +460,14 @@ class Block(nn.Module):
         rope_grid=self.rope_grid, rope_prefix=self.rope_prefix,
         name="attn")(norm("ln1")(x), cache, position)
     x = x + y
-    mlp_cls = SwiGLU if self.mlp == "swiglu" else MLP
-    x = x + mlp_cls(self.n_embd, self.resid_pdrop, self.dtype,
-                    self.param_dtype, self.deterministic,
-                    name="mlp")(norm("ln2")(x))
+    if self.mlp == "swiglu":
+      mlp = SwiGLU(self.n_embd, self.resid_pdrop, self.dtype,
+                   self.param_dtype, self.deterministic, name="mlp")
+    else:
+      mlp = MLP(self.n_embd, self.resid_pdrop, self.dtype, self.param_dtype,
+                self.deterministic, approximate=self.mlp == "gelu_tanh",
+                name="mlp")
+    x = x + mlp(norm("ln2")(x))
     return x, cache
 
 
@@ -482,7 +491,8 @@ class GPT(nn.Module):
     scan_layers: run the blocks with `nn.scan` (stacked parameters).
     attention_impl: `implementation` for `jax.nn.dot_product_attention`.
     norm: 'layernorm' (reference) or 'rmsnorm' (blocks and `ln_f`).
-    mlp: 'gelu' (reference) or 'swiglu' (`SwiGLU`).
+    mlp: 'gelu' (reference, exact GELU), 'gelu_tanh' (the same MLP with
+      GPT-2's tanh GELU; loads 'gelu' parameters) or 'swiglu' (`SwiGLU`).
     position_embedding: 'learned' (the reference's `pos_emb`), 'rope' (1D
       rotary over the sequence) or 'rope2d' (rotary over the image grid's
       rows and columns, see `grid_positions`; needs `rope_grid`). Rotary

@@ -103,7 +103,7 @@ def transformer_config() -> ml_collections.ConfigDict:
       # each block keeps for the backward pass).
       remat_policy="full", attention_impl=None,
       # Options beyond the reference (defaults = the reference's block):
-      # norm 'layernorm'|'rmsnorm', mlp 'gelu'|'swiglu', position_embedding
+      # norm 'layernorm'|'rmsnorm', mlp 'gelu'|'gelu_tanh'|'swiglu', position_embedding
       # 'learned'|'rope'|'rope2d' (2D rotary over the code grid), zero_head.
       norm="layernorm", mlp="gelu", position_embedding="learned",
       rope_base=10000.0, zero_head=False))
