@@ -2,7 +2,8 @@ r"""Samples images from a stage-2 transformer and writes PNGs.
 
   python sample.py --workdir=runs/digits_transformer [--classes=3,5] \
       [--num_samples=8] [--outdir=OUT] [--seed=0] [--top_k=K] [--top_p=P] \
-      [--temperature=T] [--guidance_scale=S] [--grid=32x48] [--npz]
+      [--temperature=T] [--guidance_scale=S] [--grid=32x48] [--npz] \
+      [--compilation_cache_dir=DIR]
 
 --workdir is a train_transformer.py workdir or a converted reference
 transformer (python -m vqgan_jax.convert). Writes OUT/grid.png (one row per
@@ -33,12 +34,19 @@ flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
 flags.DEFINE_string("grid", None, "Token grid HxW larger than training (sliding window).")
 flags.DEFINE_string("cond_images", None, "Folder of conditioning images ('codes' models).")
 flags.DEFINE_bool("npz", False, "Also write samples.npz (uint8 images, tokens, labels).")
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "Keep compiled programs here across runs (JAX's persistent cache).")
 flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
   del argv
   from vqgan_jax import sample_lib
+  from vqgan_jax.training import runtime
+  try:
+    runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   grid = None
   if FLAGS.grid:
     try:

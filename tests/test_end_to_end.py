@@ -12,7 +12,11 @@ import train_utils as tu
 @pytest.mark.slow
 def test_digits_pipeline_ends_in_sample_images(tmp_path):
   vq, tr, out = tmp_path / "vq", tmp_path / "tr", tmp_path / "samples"
-  tu.run_python(["train_vqgan.py", "--config=configs/digits_vqgan.py:test", f"--workdir={vq}"])
+  cache = tmp_path / "jax_cache"
+  tu.run_python(["train_vqgan.py", "--config=configs/digits_vqgan.py:test", f"--workdir={vq}",
+                 f"--compilation_cache_dir={cache}"])
+  # The persistent compilation cache holds the run's compiled programs.
+  assert any(n.startswith("jit_step") for n in os.listdir(cache)), os.listdir(cache)
   tu.run_python(["train_transformer.py", "--config=configs/digits_transformer.py:test",
                  f"--workdir={tr}", f"--config.vqgan_workdir={vq}"])
   r = tu.run_python(["sample.py", f"--workdir={tr}", "--num_samples=2", f"--outdir={out}"])

@@ -137,6 +137,8 @@ def test_stage2_config_errors_name_field_value_and_fix(tmp_path, field, value, m
      "are available"),
     ("--config.dataset=folder:/nonexistent/images", "error: folder:/nonexistent/images does "
      "not exist; point config.dataset at a folder of images"),
+    ("--compilation_cache_dir=/etc/hostname", "error: --compilation_cache_dir=/etc/hostname "
+     "is a file; pass a directory"),
 ])
 def test_cli_rejects_bad_runs_with_exit_2_one_line_and_an_untouched_workdir(tmp_path, override,
                                                                             message):

@@ -1,8 +1,8 @@
 """The command line shared by train_vqgan.py and train_transformer.py.
 
 Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
-``--config.FIELD=VALUE`` overrides), ``--workdir``, and the multi-host
-options. The trainer module's ``train_and_evaluate(config, workdir)`` runs.
+``--config.FIELD=VALUE`` overrides), ``--workdir``, the multi-host options
+and ``--compilation_cache_dir``. The trainer module's ``train_and_evaluate(config, workdir)`` runs.
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
 path or dataset, or a workdir whose checkpoints hold another model or
 optimizer than the config (one ``error:`` line on stderr; nothing in the
@@ -29,6 +29,10 @@ flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.DEFINE_bool("distributed_auto", False,
                   "Let JAX detect the cluster (TPU pods, SLURM, Open MPI).")
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "Keep compiled programs here across runs, so a resumed "
+                    "or restarted run skips compiling (JAX's persistent "
+                    "cache; JAX_COMPILATION_CACHE_DIR works too).")
 
 
 def run(trainer_module: str) -> None:
@@ -40,10 +44,15 @@ def run(trainer_module: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
     from vqgan_jax.training import runtime  # pylint: disable=g-import-not-at-top
+    from vqgan_jax.training import validation  # pylint: disable=g-import-not-at-top
+    try:
+      runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(validation.EXIT_CONFIG)
     runtime.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
         auto=FLAGS.distributed_auto)
-    from vqgan_jax.training import validation  # pylint: disable=g-import-not-at-top
     trainer = importlib.import_module(trainer_module)
     try:
       last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
