@@ -22,6 +22,7 @@ section's table prints as soon as it finishes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -153,6 +154,12 @@ def main(argv=None) -> int:
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       n, r = [f"{name}: FAILED: {type(e).__name__}: {e}"], []
+    changed = [item.partition("=")[0].partition(".")[2] + "=" +
+               item.partition("=")[2] for item in args.set
+               if item.startswith(name + ".")]
+    if changed:  # rows of another size are another benchmark (own ratios)
+      label = " (" + ", ".join(changed) + ")"
+      r = [dataclasses.replace(row, bench=row.bench + label) for row in r]
     if cpu_peak and r:
       n.append(f"{name}: MFU on CPU is against a float32 matmul rate of "
                f"{cpu_peak:.3g} TFLOP/s measured at start-up")

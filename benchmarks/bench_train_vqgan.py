@@ -108,12 +108,14 @@ def build_reference(torch, dd, n_embed, embed_dim, vgg, lin_path, lr,
 
 
 def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
-               init_cache=None):
+               init_cache=None, host_init=False):
   """``(step, compile seconds, compiled)`` of our stage-1 trainer's step.
 
   With a dict `init_cache`, the first call keeps its initial state there and
   later calls (another compute dtype: the same float32 state) start from a
-  copy of it instead of compiling the initialiser again (75 s on the H200).
+  copy of it instead of building it again. With `host_init` the state is
+  drawn on the host (`common.host_drawn_state`) instead of by the trainer's
+  jitted initialiser, whose compilation took ~75 s on the H200.
   """
   from vqgan_jax.training import defaults
   from vqgan_jax.training import sharding
@@ -136,7 +138,11 @@ def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
     state = jax.device_put(jax.tree.map(jnp.copy, init_cache["state"]),
                            run.state_shardings)
   else:
-    state = run.init_fn(jax.random.PRNGKey(0))
+    if host_init:
+      state = jax.device_put(common.host_drawn_state(run.abstract_state),
+                             run.state_shardings)
+    else:
+      state = run.init_fn(jax.random.PRNGKey(0))
     if init_cache is not None:  # the step donates its state: keep a copy
       init_cache["state"] = jax.tree.map(jnp.copy, state)
   holder = {"state": state}

@@ -129,13 +129,27 @@ def test_cli_rejects_bad_values_by_name():
   assert np.isfinite(suite.gpt_train_flops(1, 8, 16, 4, 2))
 
 
+def test_resized_section_rows_are_their_own_benchmark(tmp_path):
+  """gpu.sh runs sampling at two sizes and merges the tables: rows of a
+  `--set` size carry it in their name, so each size keeps its own ratios."""
+  out = tmp_path / "s.json"
+  assert cli.main(["--tiny", "--only=sampling", "--ref=none",
+                   "--dtype=float32", "--repeats=1", "--warmup=0",
+                   "--set=sampling.layers=1", f"--json={out}"]) == 0
+  rows, _, _ = table.from_json(out.read_text())
+  assert [r.bench for r in rows] == ["sampling (layers=1)"]
+
+
 def test_host_drawn_state_keeps_the_tree_and_draws_only_parameters():
   from benchmarks import common  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  params = {"w": jnp.ones((64, 32)), "ln": {"scale": jnp.ones((32,))}}
+  params = {"w": jnp.ones((64, 32)), "ln": {"scale": jnp.ones((32,))},
+            "b": {"bias": jnp.ones((32,))}}
   shapes = jax.eval_shape(lambda: {
       "step": jnp.zeros((), jnp.int32), "params": params,
       "opt_state": optax.adamw(1e-3).init(params),
+      "disc_params": {"k": jnp.ones((16, 8))},
+      "disc_state": {"mean": jnp.ones((8,))},
       "rng": jax.random.PRNGKey(0)})
   state = common.host_drawn_state(shapes, std=0.02)
   assert jax.tree.structure(state) == jax.tree.structure(shapes)
@@ -143,11 +157,38 @@ def test_host_drawn_state_keeps_the_tree_and_draws_only_parameters():
     assert got.shape == want.shape and got.dtype == want.dtype
   w = state["params"]["w"]
   assert 0.015 < float(np.std(w)) < 0.025 and np.all(np.isfinite(w))
+  assert 0.01 < float(np.std(state["disc_params"]["k"])) < 0.03
+  # Norm scales are one and biases zero, as a real initialiser leaves them.
+  assert np.all(state["params"]["ln"]["scale"] == 1)
+  assert not np.any(state["params"]["b"]["bias"])
+  assert not np.any(state["disc_state"]["mean"])
   # Adam's moments and the counters stay zero (no sign of a trained state).
   assert all(not np.any(x) for x in jax.tree.leaves(state["opt_state"]))
   assert not np.any(state["rng"]) and state["step"] == 0
   again = common.host_drawn_state(shapes, std=0.02)
   np.testing.assert_array_equal(again["params"]["w"], w)  # seeded
+
+
+def test_host_drawn_stage1_state_runs_a_finite_step():
+  """gpu.sh's stage-1 rows start from a host-drawn state (no initialiser
+  compile): it must fit the trainer's state tree and give a finite step."""
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  import train_utils as tu  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import vqgan_trainer as vt  # pylint: disable=import-outside-toplevel
+  c = tu.load_config("digits_vqgan", "test")
+  c.loss.update(dict(disc_start=0, disc_weight=0.8))
+  run = vt.create(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  state = jax.device_put(common.host_drawn_state(run.abstract_state),
+                         run.state_shardings)
+  assert jax.tree.structure(state) == jax.tree.structure(run.abstract_state)
+  r = c.model.resolution
+  x = np.random.default_rng(0).uniform(-1, 1, (c.batch_size, r, r, 3))
+  batch = {"image": jax.device_put(jnp.asarray(x, jnp.float32),
+                                   run.batch_sharding)}
+  new, m = run.step_fn(state, batch, run.lpips_vars)
+  assert np.isfinite(float(m["loss"])) and int(new["bad_steps"]) == 0
+  assert int(new["step"]) == 1
 
 
 def test_stage2_probe_profile_sums_kernel_time(tmp_path, capsys):
