@@ -301,6 +301,35 @@ def test_changing_filters_does_not_recompile(models):
   assert sampling._sample_jit._cache_size() == before
 
 
+def test_gpu_command_buffers_are_a_compile_option_with_a_fallback(
+    models, monkeypatch, caplog):
+  """On GPUs `sample` compiles with XLA command buffers (CUDA graphs of the
+  decoding loop); the option is per compile, a value XLA rejects falls back
+  to a plain compile once and for all, and the tokens are the same."""
+  _, model, variables = models
+  assert sampling._command_buffer_types("cpu") is None
+  assert sampling._command_buffer_types("gpu") == sampling.GPU_COMMAND_BUFFERS
+  assert "WHILE" in sampling.GPU_COMMAND_BUFFERS
+  monkeypatch.setattr(sampling, "GPU_COMMAND_BUFFERS", ())
+  assert sampling._command_buffer_types("gpu") is None
+  args = (model, variables, _prefix(batch=2), jax.random.key(3),
+          jnp.float32(1.0), jnp.int32(5), jnp.float32(1.0), None, None)
+  kw = dict(num_tokens=6, greedy=False, use_top_k=True, use_top_p=False,
+            num_segments=2)
+  plain = sampling._run_sampler(None, *args, **kw)
+  # XLA:CPU parses the GPU option (and ignores it): the same program.
+  graphs = sampling._run_sampler(("FUSION", "WHILE"), *args, **kw)
+  np.testing.assert_array_equal(graphs, plain)
+  monkeypatch.setattr(sampling, "_REJECTED_COMMAND_BUFFERS", set())
+  monkeypatch.setattr(sampling, "GPU_COMMAND_BUFFERS", ("FUSION", "BOGUS"))
+  bad = sampling._command_buffer_types("gpu")
+  with caplog.at_level("WARNING"):
+    np.testing.assert_array_equal(sampling._run_sampler(bad, *args, **kw),
+                                  plain)
+  assert "XLA rejected command buffers FUSION,BOGUS" in caplog.text
+  assert sampling._command_buffer_types("gpu") is None  # not tried again
+
+
 # ----------------------------------------------------------------------------
 # Classifier-free guidance.
 # ----------------------------------------------------------------------------
