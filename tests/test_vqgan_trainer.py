@@ -1,4 +1,5 @@
 """Stage-1 trainer: the step's gradients, sharding, resume, multi-process, config errors."""
+import functools
 import json
 import os
 import signal
@@ -358,3 +359,42 @@ print("ok")
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   r = tu.run_python(["-c", RESHARD, str(tmp_path / "wd")], devices=8)
   assert r.stdout.strip().endswith("ok")
+
+
+def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
+  """Trainers compile their initialisers with threefry as a GPU kernel (the
+  same bits, a fraction of the compile time on GPUs): the flag is on inside
+  the call on a GPU backend, restored after (also when the call raises),
+  and a refused kernel falls back to the plain initialiser."""
+  from vqgan_jax.training import runtime
+  seen = []
+
+  def init(rng):
+    seen.append(jax.config.jax_threefry_gpu_kernel_lowering)
+    return jax.random.normal(rng, (3,))
+
+  key = jax.random.PRNGKey(0)
+  want = init(key)
+  np.testing.assert_array_equal(runtime.gpu_kernel_threefry(init, "cpu")(key), want)
+  np.testing.assert_array_equal(runtime.gpu_kernel_threefry(init, "gpu")(key), want)
+  assert seen == [False, False, True]
+  assert jax.config.jax_threefry_gpu_kernel_lowering is False
+
+  calls = []
+
+  def refused(rng):
+    calls.append(jax.config.jax_threefry_gpu_kernel_lowering)
+    if calls[-1]:
+      raise jax.errors.JaxRuntimeError("NOT_FOUND: cu_threefry2x32_ffi")
+    return init(rng)
+
+  np.testing.assert_array_equal(runtime.gpu_kernel_threefry(refused, "gpu")(key), want)
+  assert calls == [True, False]
+  assert jax.config.jax_threefry_gpu_kernel_lowering is False
+  # A trainer's initialiser gives the same state through the wrapper.
+  c = tiny_config()
+  run = vt.create(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  plain = jax.jit(functools.partial(vt.init_state, run.model, run.disc,
+                                    vt.make_optimizer(c), vt.make_optimizer(c), c))(key)
+  for a, b in zip(jax.tree.leaves(run.init_fn(key)), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)

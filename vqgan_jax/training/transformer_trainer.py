@@ -428,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         checkpoints.abstract_with_shardings(abstract, state_sh))
     logging.info("resumed from step %d in %s", start, workdir)
   else:
-    state = jax.jit(init, out_shardings=state_sh)(
+    state = runtime.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))(
         jax.random.PRNGKey(config.seed))
     start = 0
   entropy = codes_lib.code_entropy(train["codes"], vq_model.n_embed)

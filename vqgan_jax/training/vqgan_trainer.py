@@ -517,7 +517,8 @@ def create(config, mesh, extras: Optional[Dict[str, Any]] = None,
                     in_shardings=(state_sh["params"], batch_sh),
                     out_shardings=batch_sh)
   return Setup(model, disc, mesh, abstract, state_sh, batch_sh,
-               jax.jit(init, out_shardings=state_sh), step_fn, eval_fn,
+               runtime.gpu_kernel_threefry(
+                   jax.jit(init, out_shardings=state_sh)), step_fn, eval_fn,
                lpips_vars)
 
 
