@@ -391,6 +391,13 @@ def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
   np.testing.assert_array_equal(runtime.gpu_kernel_threefry(refused, "gpu")(key), want)
   assert calls == [True, False]
   assert jax.config.jax_threefry_gpu_kernel_lowering is False
+
+  def out_of_memory(rng):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+    runtime.gpu_kernel_threefry(out_of_memory, "gpu")(key)  # not retried
+  assert jax.config.jax_threefry_gpu_kernel_lowering is False
   # A trainer's initialiser gives the same state through the wrapper.
   c = tiny_config()
   run = vt.create(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))

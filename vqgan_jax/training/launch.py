@@ -2,7 +2,8 @@
 
 Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
 ``--config.FIELD=VALUE`` overrides), ``--workdir``, the multi-host options
-and ``--compilation_cache_dir``. The trainer module's ``train_and_evaluate(config, workdir)`` runs.
+and ``--compilation_cache_dir``. The trainer module's
+``train_and_evaluate(config, workdir)`` runs.
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
 path or dataset, or a workdir whose checkpoints hold another model or
 optimizer than the config (one ``error:`` line on stderr; nothing in the
