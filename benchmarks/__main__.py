@@ -154,8 +154,7 @@ def main(argv=None) -> int:
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       n, r = [f"{name}: FAILED: {type(e).__name__}: {e}"], []
-    changed = [item.partition("=")[0].partition(".")[2] + "=" +
-               item.partition("=")[2] for item in args.set
+    changed = [item[len(name) + 1:] for item in args.set
                if item.startswith(name + ".")]
     if changed:  # rows of another size are another benchmark (own ratios)
       label = " (" + ", ".join(changed) + ")"

@@ -57,18 +57,17 @@ def gpu_kernel_threefry(init_fn: Callable[..., Any],
     if (backend or jax.default_backend()) != "gpu":
       return init_fn(*args, **kwargs)
     before = jax.config.jax_threefry_gpu_kernel_lowering
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     try:
-      jax.config.update("jax_threefry_gpu_kernel_lowering", True)
       return init_fn(*args, **kwargs)
     except jax.errors.JaxRuntimeError as e:
       if "threefry" not in str(e):  # not about the kernel: a real failure
         raise
       logging.warning("threefry GPU kernel refused (%s); compiling the "
                       "initialiser without it", str(e).splitlines()[0])
-      jax.config.update("jax_threefry_gpu_kernel_lowering", before)
-      return init_fn(*args, **kwargs)
     finally:
       jax.config.update("jax_threefry_gpu_kernel_lowering", before)
+    return init_fn(*args, **kwargs)  # the flag restored
 
   return call
 
