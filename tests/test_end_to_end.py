@@ -18,8 +18,9 @@ def test_digits_pipeline_ends_in_sample_images(tmp_path):
   # The persistent compilation cache holds the run's compiled programs.
   assert any(n.startswith("jit_step") for n in os.listdir(cache)), os.listdir(cache)
   tu.run_python(["train_transformer.py", "--config=configs/digits_transformer.py:test",
-                 f"--workdir={tr}", f"--config.vqgan_workdir={vq}"])
-  r = tu.run_python(["sample.py", f"--workdir={tr}", "--num_samples=2", f"--outdir={out}"])
+                 f"--workdir={tr}", f"--config.vqgan_workdir={vq}", "--host_malloc=keep"])
+  r = tu.run_python(["sample.py", f"--workdir={tr}", "--num_samples=2", f"--outdir={out}",
+                     "--host_malloc=keep"])
   files = sorted(os.listdir(out))
   assert files == sorted(["grid.png"] + [f"{c}_{i:04d}.png" for c in range(10) for i in range(2)])
   grid = np.asarray(Image.open(out / "grid.png"))

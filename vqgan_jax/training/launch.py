@@ -1,8 +1,8 @@
 """The command line shared by train_vqgan.py and train_transformer.py.
 
 Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
-``--config.FIELD=VALUE`` overrides), ``--workdir``, the multi-host options
-and ``--compilation_cache_dir``. The trainer module's
+``--config.FIELD=VALUE`` overrides), ``--workdir``, the multi-host options,
+``--compilation_cache_dir`` and ``--host_malloc``. The trainer module's
 ``train_and_evaluate(config, workdir)`` runs.
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
 path or dataset, or a workdir whose checkpoints hold another model or
@@ -34,6 +34,11 @@ flags.DEFINE_string("compilation_cache_dir", None,
                     "Keep compiled programs here across runs, so a resumed "
                     "or restarted run skips compiling (JAX's persistent "
                     "cache; JAX_COMPILATION_CACHE_DIR works too).")
+flags.DEFINE_enum("host_malloc", "default", ["default", "keep"],
+                  "keep: glibc malloc reuses freed memory instead of "
+                  "unmapping it: on CPU it saves XLA's page faults on every "
+                  "step (the 256x256 VQGAN step 15-25% faster), but resident "
+                  "memory never shrinks and can grow with fragmentation.")
 
 
 def run(trainer_module: str) -> None:
@@ -46,6 +51,7 @@ def run(trainer_module: str) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
     from vqgan_jax.training import runtime  # pylint: disable=g-import-not-at-top
     from vqgan_jax.training import validation  # pylint: disable=g-import-not-at-top
+    runtime.keep_freed_host_memory(FLAGS.host_malloc)
     try:
       runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
     except ValueError as e:
