@@ -18,6 +18,14 @@ CPU against a measured float32 matmul rate).
 
 Every section is independent: an error prints and the rest still run. Each
 section's table prints as soon as it finishes.
+
+``--malloc=keep`` lets glibc's malloc keep freed memory for reuse
+(`vqgan_jax.training.runtime.keep_freed_host_memory`, what the scripts'
+``--host_malloc=keep`` does), in this process, so for both implementations
+alike. With glibc's defaults the reference's sampler, whose key/value past
+grows by `torch.cat` every step, spends about as long in page faults as in
+arithmetic on a 2-core CPU, and XLA:CPU faults in its temporaries afresh
+on every call; see BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -59,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--set", action="append", default=[], metavar="SEC.KEY=V",
                  help="override a size, e.g. --set train_vqgan.size=128")
+  p.add_argument("--malloc", choices=("default", "keep"), default="default",
+                 help="keep: glibc malloc keeps freed memory for reuse "
+                 "(runtime.keep_freed_host_memory; both implementations)")
   p.add_argument("--out", default="", help="also write the table here (md)")
   p.add_argument("--json", default="", help="also write the rows here")
   p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -82,7 +93,7 @@ def _sizes(preset: str, overrides) -> dict:
   return sizes
 
 
-def machine(cpu_peak=None) -> str:
+def machine(cpu_peak=None, kept_freed_memory=False) -> str:
   dev = jax.devices()[0]
   parts = [f"{platform.machine()}, {os.cpu_count()} CPU cores",
            f"{len(jax.devices())} x {dev.platform}:{dev.device_kind}",
@@ -92,6 +103,9 @@ def machine(cpu_peak=None) -> str:
     parts.append(f"torch {torch.__version__}")
   except ImportError:
     pass
+  if platform.system() == "Linux":
+    parts.append("glibc malloc keeps freed memory (--malloc=keep)"
+                 if kept_freed_memory else "glibc malloc defaults")
   if cpu_peak:
     parts.append(f"MFU peak: measured f32 matmul {cpu_peak:.3g} TFLOP/s")
   return ", ".join(parts)
@@ -104,6 +118,10 @@ def render(rows, notes, header: str) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  kept = False
+  if args.malloc == "keep" and not args.merge:  # before JAX starts a backend
+    from vqgan_jax.training import runtime  # pylint: disable=import-outside-toplevel
+    kept = runtime.keep_freed_host_memory("keep")
   if args.merge:
     rows, notes, machines, cmds = [], [], [], []
     for path in args.merge:
@@ -144,7 +162,7 @@ def main(argv=None) -> int:
                                            else sys.argv[1:])
   header = (f"# `{cmd.strip()}` (preset {preset}), "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-            f"UTC\n\nMachine: {machine(cpu_peak)}")
+            f"UTC\n\nMachine: {machine(cpu_peak, kept)}")
   print(header, flush=True)
   rows, notes = [], []
   for name in args.only:
@@ -176,7 +194,7 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       f.write(table.to_json(rows, notes, {
-          "header": header, "machine": machine(),
+          "header": header, "machine": machine(kept_freed_memory=kept),
           "command": cmd.strip()}))
   return 0 if rows else 1
 
