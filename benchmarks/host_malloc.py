@@ -13,7 +13,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -71,4 +70,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  sys.exit(main() and 0)
+  main()
