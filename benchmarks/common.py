@@ -37,6 +37,18 @@ def alternate(fns: Dict[str, Callable[[], object]], repeats: int,
   return times
 
 
+def repo_config(name: str, arg: str = ""):
+  """`get_config(arg)` of `configs/<name>.py` in this repository."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                      "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def median(xs: List[float]) -> float:
   return statistics.median(xs)
 

@@ -52,13 +52,8 @@ def options(n_embed: int) -> Dict[str, Dict[str, Any]]:
 
 
 def make_config(arg: str, option: Dict[str, Any], steps: int, seed: int):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                      "configs", "digits_vqgan.py")
-  spec = importlib.util.spec_from_file_location("digits_vqgan", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  c = common.repo_config("digits_vqgan", arg)
   c.model.update(option)
   c.num_train_steps = steps
   c.seed = seed

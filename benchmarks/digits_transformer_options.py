@@ -39,13 +39,8 @@ VARIANTS = {
 
 def _config(arg: str, vqgan_workdir: str, steps: int, seed: int,
             label_dropout: float, gpt: Dict[str, Any]):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                      "configs", "digits_transformer.py")
-  spec = importlib.util.spec_from_file_location("digits_transformer", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  c = common.repo_config("digits_transformer", arg)
   c.vqgan_workdir = os.path.abspath(vqgan_workdir)
   c.conditioning.label_dropout = label_dropout
   c.gpt.update(gpt)
