@@ -1,10 +1,16 @@
-"""Our 256x256 VQGAN training step, step after step, with glibc's malloc as
-it comes or keeping freed memory (`runtime.keep_freed_host_memory`): wall
+"""One of our training steps, step after step, with glibc's malloc as it
+comes or keeping freed memory (`runtime.keep_freed_host_memory`): wall
 time, minor page faults and resident memory per step. One setting per
 process (it must be set before JAX starts); launch from the repository root:
 
   python -m benchmarks.host_malloc --mode=default
   python -m benchmarks.host_malloc --mode=keep
+  python -m benchmarks.host_malloc --workload=digits_gpt --mode=keep --steps=60
+
+Workloads: ``vqgan`` (default), the 256x256 VQGAN step with LPIPS and the
+PatchGAN (batch 1, float32; ``--small`` for a tiny trunk); ``digits_gpt``,
+the main job's stage-2 step (`configs/digits_transformer.py`: 4 layers,
+d 128, batch 64 x 65 tokens, dropout on), on random codes.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ def _resident_gib() -> float:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--mode", choices=("default", "keep"), default="keep")
+  p.add_argument("--workload", choices=("vqgan", "digits_gpt"),
+                 default="vqgan")
   p.add_argument("--steps", type=int, default=12)
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--small", action="store_true")
@@ -34,6 +42,31 @@ def main(argv=None) -> dict:
 
   from vqgan_jax.training import runtime  # pylint: disable=import-outside-toplevel
   applied = runtime.keep_freed_host_memory(args.mode)
+  if args.workload == "digits_gpt":
+    step, what = _digits_gpt_step(), "digits GPT step (main job's stage 2)"
+  else:
+    step = _vqgan_step(args.size, args.small)
+    what = f"{args.size}x{args.size} VQGAN step"
+  step()  # compile + warm-up
+  times, faults, resident = [], [], []
+  for _ in range(args.steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    resident.append(_resident_gib())
+  print(f"--mode={args.mode} (applied: {applied}), {what}, float32, "
+        f"{args.steps} steps after a warm-up")
+  print(f"median {statistics.median(times):.2f} s/step; minor faults per "
+        f"step median {statistics.median(faults):.0f}; resident "
+        f"{min(resident):.2f}-{max(resident):.2f} GiB")
+  print("steps: " + ", ".join(f"{t:.2f} s/{n}" for t, n in zip(times, faults)))
+  return dict(times=times, faults=faults, resident=resident)
+
+
+def _vqgan_step(size: int, small: bool):
+  """`bench_train_vqgan`'s step of ours (random VGG16 for LPIPS)."""
   from benchmarks import bench_train_vqgan as b  # pylint: disable=import-outside-toplevel
   import oracle  # pylint: disable=import-outside-toplevel  (tests/, on the path via b)
   torch = oracle.torch()
@@ -44,29 +77,45 @@ def main(argv=None) -> dict:
   lin_path = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1",
                           "vgg.pth")
   tmp = tempfile.mkdtemp()
-  torch.manual_seed(0)
-  vgg_path = os.path.join(tmp, "vgg16_random.pth")
-  torch.save(torchvision.models.vgg16(weights=None).state_dict(), vgg_path)
-  dd, n_embed, embed_dim = b.trunk(args.size, args.small, 1024)
-  step, _, _ = b.build_ours(dd, n_embed, embed_dim, 1, "float32", vgg_path,
-                            lin_path, b.images(args.size, 1), {})
-  shutil.rmtree(tmp)
-  step()  # compile + warm-up
-  times, faults, resident = [], [], []
-  for _ in range(args.steps):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    resident.append(_resident_gib())
-  print(f"--mode={args.mode} (applied: {applied}), {args.size}x{args.size} "
-        f"VQGAN step, float32, {args.steps} steps after a warm-up")
-  print(f"median {statistics.median(times):.2f} s/step; minor faults per "
-        f"step median {statistics.median(faults):.0f}; resident "
-        f"{min(resident):.2f}-{max(resident):.2f} GiB")
-  print("steps: " + ", ".join(f"{t:.2f} s/{n}" for t, n in zip(times, faults)))
-  return dict(times=times, faults=faults, resident=resident)
+  try:
+    torch.manual_seed(0)
+    vgg_path = os.path.join(tmp, "vgg16_random.pth")
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), vgg_path)
+    dd, n_embed, embed_dim = b.trunk(size, small, 1024)
+    step, _, _ = b.build_ours(dd, n_embed, embed_dim, 1, "float32", vgg_path,
+                              lin_path, b.images(size, 1), {})
+  finally:
+    shutil.rmtree(tmp)
+  return step
+
+
+def _digits_gpt_step():
+  """The trainer's stage-2 step on `configs/digits_transformer.py`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+
+  config = common.repo_config("digits_transformer")
+  n_embed, grid = 64, (8, 8)  # configs/digits_vqgan.py: 64 codes, 16 -> 8x8
+  layout = tt.make_layout(config, n_embed, grid)
+  model = tt.build_model(config, layout)
+  tx = tt.make_optimizer(config)
+  step_py, _ = tt.make_train_step(model, tx, config, layout)
+  fn = jax.jit(step_py, donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  batch = {
+      "codes": rng.integers(0, n_embed, (config.batch_size,) + grid,
+                            dtype=np.int32),
+      "cond": rng.integers(0, config.conditioning.num_classes,
+                           (config.batch_size, 1), dtype=np.int32)}
+  box = [tt.init_state(model, tx, jax.random.PRNGKey(0))]
+
+  def step():
+    box[0], metrics = fn(box[0], batch)
+    jax.block_until_ready(metrics)
+
+  return step
 
 
 if __name__ == "__main__":

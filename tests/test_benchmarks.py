@@ -210,10 +210,14 @@ def test_stage2_probe_profile_sums_kernel_time(tmp_path, capsys):
   assert probe._classify("loop_convert_multiply_fusion") == "other"  # pylint: disable=protected-access
 
 
-def test_host_malloc_benchmark_runs_steps_under_kept_memory():
+@pytest.mark.parametrize("workload", [
+    ["--size=32", "--small"], ["--workload=digits_gpt"]])
+def test_host_malloc_benchmark_runs_steps_under_kept_memory(workload):
   """`python -m benchmarks.host_malloc` (one setting per process) runs."""
   out = subprocess.run(
       [sys.executable, "-m", "benchmarks.host_malloc", "--mode=keep",
-       "--size=32", "--small", "--steps=2"], cwd=_ROOT, capture_output=True,
+       "--steps=2"] + workload, cwd=_ROOT, capture_output=True,
       text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout
   assert "--mode=keep (applied: True)" in out and "s/step" in out, out
+  timed = [l for l in out.splitlines() if l.startswith("steps: ")]
+  assert len(timed) == 1 and timed[0].count(" s/") == 2, out  # per step
