@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 export TF_CPP_MIN_LOG_LEVEL=3
 python train_vqgan.py --config=configs/digits_vqgan.py --workdir="$RUNS/digits_vqgan" "$@"
+# --host_malloc=keep: the GPT step's ~370 MB of temporaries are otherwise
+# faulted in afresh on every step (BENCHMARKS.md, "The allocator").
 python train_transformer.py --config=configs/digits_transformer.py \
-  --workdir="$RUNS/digits_transformer" --config.vqgan_workdir="$RUNS/digits_vqgan"
+  --workdir="$RUNS/digits_transformer" --config.vqgan_workdir="$RUNS/digits_vqgan" \
+  --host_malloc=keep
 python sample.py --workdir="$RUNS/digits_transformer" --num_samples=10 \
   --outdir="$RUNS/digits_samples" --seed=0
 # An independent classifier, trained on the real digits, reads the samples.
