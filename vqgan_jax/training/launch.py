@@ -37,8 +37,9 @@ flags.DEFINE_string("compilation_cache_dir", None,
 flags.DEFINE_enum("host_malloc", "default", ["default", "keep"],
                   "keep: glibc malloc reuses freed memory instead of "
                   "unmapping it: on CPU it saves XLA's page faults on every "
-                  "step (the 256x256 VQGAN step 1.16-1.21x faster), but resident "
-                  "memory never shrinks and can grow with fragmentation.")
+                  "step (the 256x256 VQGAN step 1.16-1.21x faster, the digits "
+                  "stage-2 run 1.29x), but resident memory never shrinks and "
+                  "can grow with fragmentation (that run: 2.4 GiB, not 1.25).")
 
 
 def run(trainer_module: str) -> None:
