@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end: VQGAN on scikit-learn's digits, a
 # class-conditional transformer on its codes, and a 10x10 sample grid
-# (one row per digit). Runs offline; about 15 minutes on 2 CPU cores.
+# (one row per digit). Runs offline; 11-15 minutes on 2 CPU cores.
 # Re-running resumes each stage from its checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
