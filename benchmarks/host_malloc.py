@@ -97,7 +97,9 @@ def _digits_gpt_step():
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
 
   config = common.repo_config("digits_transformer")
-  n_embed, grid = 64, (8, 8)  # configs/digits_vqgan.py: 64 codes, 16 -> 8x8
+  vq = common.repo_config("digits_vqgan").model  # its codes: 64, on 8 x 8
+  n_embed = vq.n_embed
+  grid = (vq.resolution // 2 ** (len(vq.ch_mult) - 1),) * 2
   layout = tt.make_layout(config, n_embed, grid)
   model = tt.build_model(config, layout)
   tx = tt.make_optimizer(config)
