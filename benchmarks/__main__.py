@@ -43,6 +43,7 @@ import jax  # noqa: E402
 
 from benchmarks import suite  # noqa: E402
 from benchmarks import table  # noqa: E402
+from vqgan_jax.training import runtime  # noqa: E402
 
 
 def _csv(s: str):
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--set", action="append", default=[], metavar="SEC.KEY=V",
                  help="override a size, e.g. --set train_vqgan.size=128")
-  p.add_argument("--malloc", choices=("default", "keep"), default="default",
+  p.add_argument("--malloc", choices=runtime.HOST_MALLOC_MODES, default="default",
                  help="keep: glibc malloc keeps freed memory for reuse "
                  "(runtime.keep_freed_host_memory; both implementations)")
   p.add_argument("--out", default="", help="also write the table here (md)")
@@ -120,7 +121,6 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   kept = False
   if args.malloc == "keep" and not args.merge:  # before JAX starts a backend
-    from vqgan_jax.training import runtime  # pylint: disable=import-outside-toplevel
     kept = runtime.keep_freed_host_memory("keep")
   if args.merge:
     rows, notes, machines, cmds = [], [], [], []

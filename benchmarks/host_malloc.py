@@ -24,6 +24,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from vqgan_jax.training import runtime  # noqa: E402  (stdlib only: no JAX backend yet)
+
 
 def _resident_gib() -> float:
   with open("/proc/self/statm") as f:
@@ -32,7 +34,7 @@ def _resident_gib() -> float:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--mode", choices=("default", "keep"), default="keep")
+  p.add_argument("--mode", choices=runtime.HOST_MALLOC_MODES, default="keep")
   p.add_argument("--workload", choices=("vqgan", "digits_gpt"),
                  default="vqgan")
   p.add_argument("--steps", type=int, default=12)
@@ -40,7 +42,6 @@ def main(argv=None) -> dict:
   p.add_argument("--small", action="store_true")
   args = p.parse_args(argv)
 
-  from vqgan_jax.training import runtime  # pylint: disable=import-outside-toplevel
   applied = runtime.keep_freed_host_memory(args.mode)
   if args.workload == "digits_gpt":
     step, what = _digits_gpt_step(), "digits GPT step (main job's stage 2)"
