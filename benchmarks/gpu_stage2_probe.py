@@ -11,7 +11,9 @@ the mean of steps dispatched back to back, with MFU by model FLOPs
 (`suite.gpt_train_flops`) against the card's bf16 peak. Then it traces a few
 steps of the first variant with `jax.profiler` and sums the device's kernel
 time by kernel, in classes (matrix products, attention, the rest), so the
-gap between the step time and the matrix-product time has names.
+gap between the step time and the matrix-product time has names: each of
+the top kernels that XLA generated is printed with its HLO result shape and
+the JAX source path it came from (`--hlo_out` also saves the HLO).
 
 Parameters are drawn on the host (normal, std 0.02) rather than by the jitted
 initialiser: the values do not change the step's work, and initialising 336M
@@ -23,6 +25,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -53,8 +56,34 @@ def _classify(name: str) -> str:
   return "other"
 
 
-def kernel_profile(trace_dir: str, steps: int, top: int = 15):
-  """Prints device kernel time per step from a `jax.profiler` trace."""
+def hlo_index(hlo_text: str) -> dict:
+  """``{instruction name: (result shape, op_name)}`` of an HLO module's text.
+
+  Names are indexed as written and with '.' and '-' as '_', the form XLA:GPU
+  gives a fusion's kernel ("loop_convert_multiply_fusion.3" runs as
+  "loop_convert_multiply_fusion_3"). `op_name` is JAX's name stack, e.g.
+  "jit(step)/transpose(jvp(GPT))/blocks/mlp/...": the model code a kernel
+  came from.
+  """
+  index = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w\-]+\(([^\n]*)",
+                       hlo_text, re.M):
+    name, shape, rest = m.group(1), m.group(2), m.group(3)
+    op = re.search(r'op_name="([^"]*)"', rest)
+    entry = (shape.split("{")[0], op.group(1) if op else "")
+    index.setdefault(name, entry)
+    index.setdefault(re.sub(r"[.\-]", "_", name), entry)
+  return index
+
+
+def kernel_profile(trace_dir: str, steps: int, top: int = 15,
+                   hlo_text: str = ""):
+  """Prints device kernel time per step from a `jax.profiler` trace.
+
+  With the step's compiled HLO text, each of the top kernels that XLA
+  generated (not cuBLAS's or cuDNN's) is followed by its HLO result shape
+  and JAX source path.
+  """
   from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
   files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
                     recursive=True)
@@ -93,10 +122,14 @@ def kernel_profile(trace_dir: str, steps: int, top: int = 15):
   for cls in ("matmul", "attention", "other"):
     print(f"    {cls:10s} {classes[cls] / steps:8.2f} ms/step "
           f"({100 * classes[cls] / max(total, 1e-9):5.1f}%)")
+  index = hlo_index(hlo_text) if hlo_text else {}
   print(f"  top {top} kernels (ms per step, launches per step):")
   for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
     print(f"    {ms / steps:8.3f}  {n / steps:6.1f}  [{_classify(name)}] "
           f"{name[:110]}")
+    found = index.get(name) or index.get(re.sub(r"[.\-]", "_", name))
+    if found:
+      print(f"{'':24s}= {found[0]} from {found[1][-150:]}")
 
 
 def main(argv=None):
@@ -108,6 +141,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--trace_steps", type=int, default=3)
   p.add_argument("--out", default="", help="also append the output here")
+  p.add_argument("--hlo_out", default="",
+                 help="write the first variant's compiled HLO text here")
   a = p.parse_args(argv)
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -175,7 +210,11 @@ def main(argv=None):
         for _ in range(a.trace_steps):
           state, m = compiled(state, data)
         jax.block_until_ready(m["loss"])
-      kernel_profile(trace_dir, a.trace_steps)
+      hlo_text = compiled.as_text() or ""
+      if a.hlo_out:
+        with open(a.hlo_out, "w", encoding="utf-8") as f:
+          f.write(hlo_text)
+      kernel_profile(trace_dir, a.trace_steps, hlo_text=hlo_text)
     del state, compiled
   lines = ["| variant | batch | median ms/step | back-to-back ms/step | MFU |"
            " compile s | loss |", "|---|---|---|---|---|---|---|"]

@@ -1,5 +1,6 @@
 """The benchmark harness: its arithmetic, its reference shims, its imports."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -193,17 +194,25 @@ def test_host_drawn_stage1_state_runs_a_finite_step():
 
 def test_stage2_probe_profile_sums_kernel_time(tmp_path, capsys):
   from benchmarks import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
-  f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
   a = jnp.ones((128, 128))
+  f = jax.jit(lambda a: jnp.tanh(a @ a + 1.0).sum()).lower(a).compile()
   f(a).block_until_ready()
   with jax.profiler.trace(str(tmp_path)):
     for _ in range(2):
       f(a).block_until_ready()
-  probe.kernel_profile(str(tmp_path), steps=2)
+  probe.kernel_profile(str(tmp_path), steps=2, hlo_text=f.as_text())
   out = capsys.readouterr().out
   assert "ms of kernel time per step" in out
   for cls in ("matmul", "attention", "other"):
     assert cls in out
+  # XLA's own kernels are named by their HLO: result shape and JAX source.
+  assert re.search(r"= f32\[[\d,]*\] from jit\(<lambda>\)/", out), out
+  index = probe.hlo_index(
+      '%loop_convert_multiply_fusion.3 = bf16[16,512,4096]{2,1,0} fusion('
+      '%p0), kind=kLoop, calls=%fused_computation.3, metadata={op_type='
+      '"mul" op_name="jit(step)/transpose(jvp(GPT))/blocks/mlp/mul"}')
+  assert index["loop_convert_multiply_fusion_3"] == (
+      "bf16[16,512,4096]", "jit(step)/transpose(jvp(GPT))/blocks/mlp/mul")
   assert probe._classify("nvjet_sm90_tst_128x160") == "matmul"  # pylint: disable=protected-access
   assert probe._classify(  # pylint: disable=protected-access
       "cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
