@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import functools
 import glob
 import os
 import re
@@ -31,7 +33,7 @@ import tempfile
 import time
 
 VARIANTS = {
-    # name: (gpt options, batch multiplier)
+    # name: (gpt options, batch multiplier[, patch while tracing])
     "base": ({}, 1),
     "batch2x": ({}, 2),
     "xla_attention": ({"attention_impl": "xla"}, 1),
@@ -39,7 +41,29 @@ VARIANTS = {
     # H200 (2.7 ms of a 43 ms step); this prices the tanh form (not the
     # reference's function: an option, `gpt.mlp='gelu_tanh'`).
     "gelu_tanh": ({"mlp": "gelu_tanh"}, 1),
+    # The step as autodiff differentiates it: jax.nn.gelu and flax's norms
+    # instead of `gpt.gelu_exact` and the lean norms, which keep one tensor
+    # for the backward pass where these keep three (the price of those).
+    "autodiff_backward": ({}, 1, "autodiff"),
 }
+
+
+@contextlib.contextmanager
+def _patched(patch):
+  """Swaps the GPT's GELU and norms for autodiff's while a step is traced."""
+  if patch != "autodiff":
+    yield
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
+  saved = gpt_lib.gelu_exact, gpt_lib._norm  # pylint: disable=protected-access
+  norm = saved[1]
+  gpt_lib.gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+  gpt_lib._norm = lambda *a, lean=True, **k: norm(*a, lean=False, **k)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    gpt_lib.gelu_exact, gpt_lib._norm = saved  # pylint: disable=protected-access
 _GEMM = ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "dot")
 # Lines of a GPU plane that summarise the kernels on its stream lines.
 _DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "TensorFlow",
@@ -135,7 +159,8 @@ def kernel_profile(trace_dir: str, steps: int, top: int = 15,
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tiny", action="store_true")
-  p.add_argument("--variants", default="base,gelu_tanh,xla_attention",
+  p.add_argument("--variants",
+                 default="base,autodiff_backward,gelu_tanh,xla_attention",
                  help=f"comma-separated subset of {','.join(VARIANTS)}")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--steps", type=int, default=10)
@@ -163,7 +188,7 @@ def main(argv=None):
   host_state = None
   results = []
   for vi, name in enumerate(a.variants.split(",")):
-    opts, mult = VARIANTS[name]
+    opts, mult, *patch = VARIANTS[name]
     batch = batch0 * mult
     cfg, layout, model, tx = suite.gpt_train_setup(
         layers, width, heads, vocab, tokens, a.dtype, **opts)
@@ -177,8 +202,11 @@ def main(argv=None):
     data = {"codes": jnp.asarray(z), "cond": jnp.asarray(c)}
     step, _ = tt.make_train_step(model, tx, cfg, layout)
     t = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, data).compile()
+    with _patched(patch[0] if patch else None):
+      compiled = jax.jit(step, donate_argnums=(0,)).lower(state,
+                                                          data).compile()
     secs = time.perf_counter() - t
+    plan = table.xla_memory(compiled)
     for _ in range(2):
       state, m = compiled(state, data)
     jax.block_until_ready(m["loss"])
@@ -197,12 +225,14 @@ def main(argv=None):
     flops = suite.gpt_train_flops(layers, width, vocab, tokens, batch)
     mfu = (100 * flops / min(med, piped) / 1e12 / peak) if peak else None
     loss = float(m["loss"])
-    results.append((name, batch, med, piped, mfu, secs, loss))
+    results.append((name, batch, med, piped, mfu, secs, plan, loss))
     print(f"  [{time.perf_counter() - t0:6.1f} s] {name}: batch {batch}, "
           f"compile {secs:.1f} s, median {1e3 * med:.2f} ms/step, back to "
           f"back {1e3 * piped:.2f} ms/step, "
           f"{batch * tokens / min(med, piped):,.0f} tokens/s"
-          + (f", MFU {mfu:.1f}%" if mfu else "") + f", loss {loss:.3f}",
+          + (f", MFU {mfu:.1f}%" if mfu else "")
+          + (f", XLA plan {plan / 2**30:.3g} GiB" if plan else "")
+          + f", loss {loss:.3f}",
           flush=True)
     if vi == 0 and a.trace_steps:
       trace_dir = tempfile.mkdtemp()
@@ -217,11 +247,12 @@ def main(argv=None):
       kernel_profile(trace_dir, a.trace_steps, hlo_text=hlo_text)
     del state, compiled
   lines = ["| variant | batch | median ms/step | back-to-back ms/step | MFU |"
-           " compile s | loss |", "|---|---|---|---|---|---|---|"]
-  for name, batch, med, piped, mfu, secs, loss in results:
+           " compile s | XLA plan GiB | loss |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, batch, med, piped, mfu, secs, plan, loss in results:
     lines.append(f"| {name} | {batch} | {1e3 * med:.2f} | {1e3 * piped:.2f} "
                  f"| {f'{mfu:.1f}%' if mfu else 'n/a'} | {secs:.1f} | "
-                 f"{loss:.3f} |")
+                 f"{f'{plan / 2**30:.3g}' if plan else 'n/a'} | {loss:.3f} |")
   print("\n".join(lines), flush=True)
   if a.out:
     with open(a.out, "a", encoding="utf-8") as f:

@@ -219,6 +219,28 @@ def test_stage2_probe_profile_sums_kernel_time(tmp_path, capsys):
   assert probe._classify("loop_convert_multiply_fusion") == "other"  # pylint: disable=protected-access
 
 
+def test_stage2_probe_prices_the_lean_backward_passes(capsys):
+  """The probe's autodiff_backward variant swaps in jax.nn.gelu and flax's
+  norms while tracing (and puts them back): XLA plans more memory for it."""
+  from benchmarks import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
+  before = gpt_lib.gelu_exact, gpt_lib._norm  # pylint: disable=protected-access
+  probe.main(["--tiny", "--variants", "base,autodiff_backward", "--steps",
+              "1", "--trace_steps", "0"])
+  assert (gpt_lib.gelu_exact, gpt_lib._norm) == before  # pylint: disable=protected-access
+  rows = {line.split("|")[1].strip(): line.split("|")
+          for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| base") or line.startswith("| autodiff")}
+  plan = {name: float(cells[7]) for name, cells in rows.items()}
+  assert plan["base"] < plan["autodiff_backward"], rows
+
+
+def test_stage2_memory_plan_compiles_without_running():
+  from benchmarks import stage2_memory_plan  # pylint: disable=import-outside-toplevel
+  plans = stage2_memory_plan.main(["--tiny", "--dtypes", "float32"])
+  assert plans[("float32", "base")] < plans[("float32", "autodiff_backward")]
+
+
 @pytest.mark.parametrize("workload", [
     ["--size=32", "--small"], ["--workload=digits_gpt"]])
 def test_host_malloc_benchmark_runs_steps_under_kept_memory(workload):

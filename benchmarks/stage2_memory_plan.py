@@ -1,0 +1,73 @@
+"""XLA's memory plan for the stage-2 training step, compiled but not run.
+
+    python -m benchmarks.stage2_memory_plan                 # 24 x 1024 GPT
+    python -m benchmarks.stage2_memory_plan --preset=cpu    # 12 x 512 GPT
+    python -m benchmarks.stage2_memory_plan --tiny
+
+Compiles the trainer's step (`make_train_step`, donated state, as in
+`python -m benchmarks --only=train_transformer`) for abstract parameters, so
+the 336M-parameter GPT of the gpu preset needs no memory to plan, and prints
+the bytes of temporaries XLA plans per step for each dtype and variant of
+`gpu_stage2_probe.VARIANTS` ('base' and 'autodiff_backward' by default: the
+step with and without the lean backward passes of the GELU and the norms).
+On a CPU this is XLA:CPU's plan, not a GPU's: compare the rows with each
+other.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", default="gpu", help="suite preset: gpu|cpu|tiny")
+  p.add_argument("--tiny", action="store_true", help="= --preset=tiny")
+  p.add_argument("--dtypes", default="bfloat16,float32")
+  p.add_argument("--variants", default="base,autodiff_backward")
+  a = p.parse_args(argv)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from benchmarks import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
+  from benchmarks import suite  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+
+  preset = "tiny" if a.tiny else a.preset
+  sizes = dict(suite.PRESETS[preset]["train_transformer"])
+  layers, width, heads = sizes["layers"], sizes["width"], sizes["heads"]
+  vocab, tokens, batch0 = sizes["vocab"], sizes["tokens"], sizes["batch"]
+  print(f"stage-2 memory plan on {jax.devices()[0].device_kind}: GPT "
+        f"{layers}x{width}, {heads} heads, vocab {vocab}, {tokens} tokens, "
+        f"batch {batch0}", flush=True)
+  lines = ["| dtype | variant | batch | temporaries GiB | arguments GiB |"
+           " compile s |", "|---|---|---|---|---|---|"]
+  plans = {}
+  for dtype in a.dtypes.split(","):
+    for name in a.variants.split(","):
+      opts, mult, *patch = probe.VARIANTS[name]
+      batch = batch0 * mult
+      cfg, layout, model, tx = suite.gpt_train_setup(
+          layers, width, heads, vocab, tokens, dtype, **opts)
+      state = jax.eval_shape(lambda r, m=model, o=tx: tt.init_state(m, o, r),
+                             jax.random.PRNGKey(0))
+      data = {"codes": jax.ShapeDtypeStruct((batch, 1, tokens), jnp.int32),
+              "cond": jax.ShapeDtypeStruct((batch, 1), jnp.int32)}
+      step, _ = tt.make_train_step(model, tx, cfg, layout)
+      t = time.perf_counter()
+      with probe._patched(patch[0] if patch else None):  # pylint: disable=protected-access
+        compiled = jax.jit(step, donate_argnums=(0,)).lower(
+            state, data).compile()
+      secs = time.perf_counter() - t
+      m = compiled.memory_analysis()
+      temp, args = m.temp_size_in_bytes, m.argument_size_in_bytes
+      plans[(dtype, name)] = temp
+      lines.append(f"| {dtype} | {name} | {batch} | {temp / 2**30:.3g} | "
+                   f"{args / 2**30:.3g} | {secs:.1f} |")
+      print(f"  {dtype} {name}: compiled in {secs:.1f} s", flush=True)
+  print("\n".join(lines), flush=True)
+  return plans
+
+
+if __name__ == "__main__":
+  main()
