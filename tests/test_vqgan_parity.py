@@ -9,7 +9,9 @@ its values, gradients and forward-mode derivatives equal the direct form
 (nearest x2, then the 3x3 conv) within 1e-5 relative in float32, and XLA
 counts well under half the direct form's FLOPs. `modules.GroupNorm` equals
 a float64 two-pass group norm (also far from zero mean, where a one-pass
-variance loses digits) and `nn.GroupNorm` on ordinary inputs; `conv2d`'s
+variance loses digits) and `nn.GroupNorm` on ordinary inputs, alone and
+followed by swish, whose backward pass keeps only its input and statistics
+(a ResnetBlock keeps 4 full-size tensors, not 10); `conv2d`'s
 row-block kernel gradient (CPU) equals XLA's for 3x3, 1x1, strided and
 unevenly sized convolutions, in reverse and forward mode and under vmap.
 """
@@ -215,6 +217,33 @@ def test_group_norm_equals_float64_two_pass_statistics(offset):
                  grad(norm.apply), grad(flax_norm.apply))
   bf = modules.normalize("n", jnp.bfloat16, jnp.float32).apply(variables, x)
   assert bf.dtype == jnp.bfloat16
+
+
+def test_group_norm_swish_equals_flax_and_keeps_only_its_input():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 6, 5, 64)).astype(np.float32)
+  norm = modules.normalize("n", jnp.float32, jnp.float32, swish=True)
+  variables = norm.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(
+      lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), variables)
+  flax_norm = nn.GroupNorm(num_groups=32, epsilon=1e-6)
+  ours = lambda v, x: norm.apply(v, x)
+  theirs = lambda v, x: modules.swish(flax_norm.apply(v, x))
+  np.testing.assert_allclose(ours(variables, x), theirs(variables, x), atol=2e-6)
+  plain = modules.normalize("n", jnp.float32, jnp.float32)
+  np.testing.assert_array_equal(ours(variables, x),
+                                modules.swish(plain.apply(variables, x)))
+  for argnums in (0, 1):
+    grad = lambda f: jax.grad(lambda v, x: jnp.sum(jnp.sin(f(v, x))),
+                              argnums)(variables, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+                 grad(ours), grad(theirs))
+  block = modules.ResnetBlock(out_channels=64)
+  xb = jnp.asarray(rng.standard_normal((1, 16, 16, 64)), jnp.float32)
+  vb = block.init(jax.random.PRNGKey(1), xb)
+  _, vjp = jax.vjp(lambda v, x: block.apply(v, x), vb, xb)
+  kept = [leaf for leaf in jax.tree.leaves(vjp) if leaf.shape == xb.shape]
+  assert len(kept) == 4, [leaf.shape for leaf in jax.tree.leaves(vjp)]
 
 
 @pytest.mark.parametrize("shape,ksize,strides,padding", [

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -28,10 +29,12 @@ def _torch_uniform(fan_in: int):
   return init
 
 
-def normalize(name: str, dtype: Dtype, param_dtype: Dtype) -> "GroupNorm":
-  """GroupNorm(32 groups, eps 1e-6, affine); statistics in float32."""
+def normalize(name: str, dtype: Dtype, param_dtype: Dtype,
+              swish: bool = False) -> "GroupNorm":
+  """GroupNorm(32 groups, eps 1e-6, affine); statistics in float32; with
+  `swish`, followed by swish."""
   return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype,
-                   param_dtype=param_dtype, name=name)
+                   param_dtype=param_dtype, name=name, swish=swish)
 
 
 def _group_sum(per_channel, groups: int):
@@ -52,11 +55,24 @@ class GroupNorm(nn.Module):
   and its derivative run ~1.5x as fast as `nn.GroupNorm`'s reduction over a
   (B, H, W, groups, C / groups) view (198 against 300 ms forward + backward
   at 256 x 256 x 128, one thread).
+
+  The normalisation (and the swish after it, with `swish=True`) runs under
+  one `jax.checkpoint` that keeps only the input and the per-channel
+  statistics for the backward pass, which recomputes the rest: autodiff kept
+  ~3 float32 tensors of the input's size per norm, and a ResnetBlock kept 10
+  full-size tensors where it now keeps 4. XLA's plan for the stage-1
+  training step (`python -m benchmarks --only=train_vqgan --ref=none
+  --dtype=float32`, CPU) fell from 3.56 to 3.08 GiB; the step time did not
+  change (10.33 and 10.25 s).
   """
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  # Follow the normalisation with swish (x * sigmoid(x)), under one
+  # checkpoint: see `_group_norm`.
+  swish: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -66,15 +82,28 @@ class GroupNorm(nn.Module):
                        f"{self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    count = h * w * (c // self.num_groups)
-    mean = _group_sum(jnp.sum(xf, axis=(1, 2)), self.num_groups) / count
-    centred = xf - mean[:, None, None, :]
-    var = _group_sum(jnp.sum(centred * centred, axis=(1, 2)),
-                     self.num_groups) / count
-    mult = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-    y = centred * mult[:, None, None, :] + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    return _group_norm(x, scale, bias, self.num_groups, self.epsilon,
+                       self.dtype, self.swish)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4, 5, 6),
+                   policy=jax.checkpoint_policies.save_only_these_names(
+                       "group_norm_stats"))
+def _group_norm(x, scale, bias, groups, epsilon, dtype, with_swish):
+  """GroupNorm (and swish) keeping x and the per-channel statistics for the
+  backward pass, not the full-size float32 intermediates."""
+  b, h, w, c = x.shape
+  xf = x.astype(jnp.float32)
+  count = h * w * (c // groups)
+  mean = _group_sum(jnp.sum(xf, axis=(1, 2)), groups) / count
+  centred = xf - mean[:, None, None, :]
+  var = _group_sum(jnp.sum(centred * centred, axis=(1, 2)), groups) / count
+  mult = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
+  mean, mult = checkpoint_name((mean, mult), "group_norm_stats")
+  y = (xf - mean[:, None, None, :]) * mult[:, None, None, :] + bias.astype(
+      jnp.float32)
+  y = y.astype(dtype)
+  return swish(y) if with_swish else y
 
 
 def swish(x):
@@ -94,9 +123,9 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = swish(normalize("norm1", **kw)(x))
+    h = normalize("norm1", swish=True, **kw)(x)
     h = _conv(self.out_channels, 3, "conv1", **kw)(h)
-    h = swish(normalize("norm2", **kw)(h))
+    h = normalize("norm2", swish=True, **kw)(h)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = _conv(self.out_channels, 3, "conv2", **kw)(h)
     if x.shape[-1] != self.out_channels:
@@ -420,7 +449,7 @@ class Encoder(nn.Module):
     h = ResnetBlock(c, self.dropout, name="mid_block_1", **kw)(h, deterministic)
     h = AttnBlock(name="mid_attn_1", **kw)(h)
     h = ResnetBlock(c, self.dropout, name="mid_block_2", **kw)(h, deterministic)
-    h = swish(normalize("norm_out", **kw)(h))
+    h = normalize("norm_out", swish=True, **kw)(h)
     out = 2 * self.z_channels if self.double_z else self.z_channels
     return _conv(out, 3, "conv_out", **kw)(h)
 
@@ -463,7 +492,7 @@ class Decoder(nn.Module):
       if i != 0:
         h = Upsample(name=f"up_{i}_upsample", **kw)(h)
         res *= 2
-    h = swish(normalize("norm_out", **kw)(h))
+    h = normalize("norm_out", swish=True, **kw)(h)
     conv_out = _conv(self.out_ch, 3, "conv_out", **kw)
     if features_only:
       if self.is_initializing():
