@@ -2,6 +2,7 @@
 import argparse
 import collections
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +70,36 @@ def test_reader_never_executes_pickled_code(tmp_path):
   assert not (tmp_path / "pwned").exists()
 
 
+def test_legacy_header_never_executes_pickled_code(tmp_path):
+  """The legacy format's header records are plain data: a class in them is
+  refused before anything runs (they used to go through pickle.load)."""
+  import pickle
+
+  class Evil:
+
+    def __reduce__(self):
+      return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+  path = tmp_path / "evil_legacy.pth"
+  path.write_bytes(pickle.dumps(Evil(), protocol=2))
+  with pytest.raises(torch_io.CheckpointError, match="unexpected class"):
+    torch_io.load_state_dict(path)
+  assert not (tmp_path / "pwned").exists()
+
+
 def test_not_a_checkpoint_and_missing_file(tmp_path):
+  """Damaged files of every kind raise CheckpointError naming the file; the
+  random bytes used to hit OverflowError or MemoryError now and then (a
+  pickle length field asking for an impossible allocation)."""
+  rng = np.random.default_rng(0)
+  legacy_magic = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19."
   bad = tmp_path / "random.ckpt"
-  bad.write_bytes(os.urandom(1000))
-  with pytest.raises(torch_io.CheckpointError, match="could not be read as a PyTorch checkpoint"):
-    torch_io.load_state_dict(bad)
+  for i in range(600):
+    prefix = (b"", b"\x80\x02", legacy_magic)[i % 3]
+    bad.write_bytes(prefix + rng.bytes(int(rng.integers(1, 1500))))
+    with pytest.raises(torch_io.CheckpointError,
+                       match=re.escape(f"{bad} could not be read as a PyTorch checkpoint")):
+      torch_io.load_state_dict(bad)
   with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
     torch_io.load_state_dict(tmp_path / "nope.ckpt")
 

@@ -204,13 +204,42 @@ def _load_zip(path) -> Any:
       return _Unpickler(io.BytesIO(f.read()), load_storage).load()
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+  """Unpickles plain data only (numbers, strings, lists, dicts): the legacy
+  format's header records and storage keys. Any class or persistent id is
+  refused, so nothing in them can run."""
+
+  def find_class(self, module, name):
+    raise CheckpointError(f"unexpected class {module}.{name} in a legacy "
+                          "checkpoint's header")
+
+  def persistent_load(self, pid):
+    raise CheckpointError(f"unexpected persistent id {pid!r} in a legacy "
+                          "checkpoint's header")
+
+
+def _plain_load(f) -> Any:
+  return _PlainDataUnpickler(f).load()
+
+
 def _load_legacy(path) -> Any:
   with open(path, "rb") as f:
-    magic = pickle.load(f)
+    # torch.save's legacy format opens with a pickle (protocol 2 unless
+    # `pickle_protocol` said otherwise) of its magic number.
+    head = f.read(2)
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+      raise CheckpointError(
+          f"{path} could not be read as a PyTorch checkpoint (neither a zip "
+          "archive nor torch's legacy format); is the file complete and "
+          "written by torch.save?")
+    f.seek(0)
+    magic = _plain_load(f)
     if magic != _LEGACY_MAGIC:
-      raise CheckpointError(f"{path}: not a PyTorch checkpoint (bad magic)")
-    pickle.load(f)  # protocol version
-    pickle.load(f)  # sys info
+      raise CheckpointError(
+          f"{path} could not be read as a PyTorch checkpoint (bad magic "
+          "number); is the file complete and written by torch.save?")
+    _plain_load(f)  # protocol version
+    _plain_load(f)  # sys info
     # Storages come after the object, so tensors are rebuilt lazily.
     placeholders = {}
 
@@ -220,11 +249,15 @@ def _load_legacy(path) -> Any:
 
     unpickler = _LegacyUnpickler(f, lazy_storage)
     obj = unpickler.load()
-    keys = pickle.load(f)
+    keys = _plain_load(f)
     data = {}
     for key in keys:
-      dtype, _ = placeholders[str(key)]
+      dtype, expected = placeholders[str(key)]
       numel, = struct.unpack("<q", f.read(8))
+      if numel != expected:
+        raise CheckpointError(
+            f"{path}: storage {key} holds {numel} elements where its tensors "
+            f"expect {expected}; the file is damaged")
       data[str(key)] = np.frombuffer(
           f.read(numel * np.dtype(dtype).itemsize), dtype=dtype)
   return _resolve(obj, data)
@@ -296,11 +329,16 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     if zipfile.is_zipfile(path):
       return _load_zip(path)
     return _load_legacy(path)
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    if path in str(e):
+      raise
+    raise CheckpointError(
+        f"{path} could not be read as a PyTorch checkpoint: {e}") from e
   except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError,
-          struct.error, ValueError, TypeError, AttributeError,
-          IndexError) as e:
+          struct.error, ValueError, TypeError, AttributeError, IndexError,
+          OverflowError, MemoryError, RecursionError) as e:
+    # Overflow and memory errors: a damaged length field asking for an
+    # impossible allocation (e.g. a pickle FRAME of 2^62 bytes).
     raise CheckpointError(
         f"{path} could not be read as a PyTorch checkpoint "
         f"({type(e).__name__}: {e}); is the file complete and written by "
