@@ -241,8 +241,31 @@ def test_stage2_memory_plan_compiles_without_running():
   assert plans[("float32", "base")] < plans[("float32", "autodiff_backward")]
 
 
-@pytest.mark.parametrize("workload", [
-    ["--size=32", "--small"], ["--workload=digits_gpt"]])
+def test_host_malloc_vqgan_workload_builds_the_benchmarked_step(monkeypatch):
+  """The vqgan workload hands `bench_train_vqgan.build_ours` a random VGG16
+  state dict and LPIPS's own linear layers. Compiling and running that step
+  here, in a subprocess, took ~55 s of CI; the trainer's step from a
+  host-drawn state runs in test_host_drawn_stage1_state_runs_a_finite_step,
+  and build_ours itself in `python -m benchmarks --only=train_vqgan`."""
+  from benchmarks import bench_train_vqgan as b  # pylint: disable=import-outside-toplevel
+  from benchmarks import host_malloc  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import torch_io  # pylint: disable=import-outside-toplevel
+  seen = {}
+
+  def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path,
+                 x, extra):
+    seen.update(vgg=torch_io.load_state_dict(vgg_path),
+                lin=os.path.isfile(lin_path), x=x.shape, dtype=dtype)
+    return "step", 0.0, None
+
+  monkeypatch.setattr(b, "build_ours", build_ours)
+  assert host_malloc._vqgan_step(32, True) == "step"  # pylint: disable=protected-access
+  assert seen["vgg"]["features.28.weight"].shape == (512, 512, 3, 3)
+  assert seen["lin"] and seen["x"][1:3] == (32, 32)
+  assert seen["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("workload", [["--workload=digits_gpt"]])
 def test_host_malloc_benchmark_runs_steps_under_kept_memory(workload):
   """`python -m benchmarks.host_malloc` (one setting per process) runs."""
   out = subprocess.run(
