@@ -64,6 +64,19 @@ def _patched(patch):
     yield
   finally:
     gpt_lib.gelu_exact, gpt_lib._norm = saved  # pylint: disable=protected-access
+
+
+def compile_variant_step(variant, cfg, layout, model, tx, state, data):
+  """The trainer's step (donated state) for `state` and `data`, concrete or
+  abstract, compiled as `VARIANTS[variant]` asks."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+  patch = VARIANTS[variant][2] if len(VARIANTS[variant]) > 2 else None
+  step, _ = tt.make_train_step(model, tx, cfg, layout)
+  with _patched(patch):
+    return jax.jit(step, donate_argnums=(0,)).lower(state, data).compile()
+
+
 _GEMM = ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "dot")
 # Lines of a GPU plane that summarise the kernels on its stream lines.
 _DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "TensorFlow",
@@ -174,7 +187,6 @@ def main(argv=None):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from benchmarks import suite, table  # pylint: disable=import-outside-toplevel
-  from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
 
   sizes = dict(suite.PRESETS["tiny" if a.tiny else "gpu"]["train_transformer"])
   layers, width, heads = sizes["layers"], sizes["width"], sizes["heads"]
@@ -188,7 +200,7 @@ def main(argv=None):
   host_state = None
   results = []
   for vi, name in enumerate(a.variants.split(",")):
-    opts, mult, *patch = VARIANTS[name]
+    opts, mult = VARIANTS[name][:2]
     batch = batch0 * mult
     cfg, layout, model, tx = suite.gpt_train_setup(
         layers, width, heads, vocab, tokens, a.dtype, **opts)
@@ -200,11 +212,8 @@ def main(argv=None):
     z = rng.integers(0, vocab, (batch, 1, tokens)).astype(np.int32)
     c = rng.integers(0, 10, (batch, 1)).astype(np.int32)
     data = {"codes": jnp.asarray(z), "cond": jnp.asarray(c)}
-    step, _ = tt.make_train_step(model, tx, cfg, layout)
     t = time.perf_counter()
-    with _patched(patch[0] if patch else None):
-      compiled = jax.jit(step, donate_argnums=(0,)).lower(state,
-                                                          data).compile()
+    compiled = compile_variant_step(name, cfg, layout, model, tx, state, data)
     secs = time.perf_counter() - t
     plan = table.xla_memory(compiled)
     for _ in range(2):

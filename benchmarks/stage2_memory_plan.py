@@ -45,7 +45,7 @@ def main(argv=None):
   plans = {}
   for dtype in a.dtypes.split(","):
     for name in a.variants.split(","):
-      opts, mult, *patch = probe.VARIANTS[name]
+      opts, mult = probe.VARIANTS[name][:2]
       batch = batch0 * mult
       cfg, layout, model, tx = suite.gpt_train_setup(
           layers, width, heads, vocab, tokens, dtype, **opts)
@@ -53,11 +53,9 @@ def main(argv=None):
                              jax.random.PRNGKey(0))
       data = {"codes": jax.ShapeDtypeStruct((batch, 1, tokens), jnp.int32),
               "cond": jax.ShapeDtypeStruct((batch, 1), jnp.int32)}
-      step, _ = tt.make_train_step(model, tx, cfg, layout)
       t = time.perf_counter()
-      with probe._patched(patch[0] if patch else None):  # pylint: disable=protected-access
-        compiled = jax.jit(step, donate_argnums=(0,)).lower(
-            state, data).compile()
+      compiled = probe.compile_variant_step(name, cfg, layout, model, tx,
+                                            state, data)
       secs = time.perf_counter() - t
       m = compiled.memory_analysis()
       temp, args = m.temp_size_in_bytes, m.argument_size_in_bytes
