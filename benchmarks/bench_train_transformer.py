@@ -42,7 +42,7 @@ def main(argv=None):
   from taming.modules.transformer.mingpt import GPT as RefGPT
   from vqgan_jax import gpt as gpt_lib
   from vqgan_jax.training import transformer_trainer as tt
-  from vqgan_jax.training import defaults
+  from vqgan_jax.training import schema
 
   block = args.tokens  # 1 class token + tokens - 1 inputs
   torch.manual_seed(0)
@@ -75,7 +75,7 @@ def main(argv=None):
     ref_opt.step()
     return loss.item()
 
-  cfg = defaults.transformer_config()
+  cfg = schema.transformer_config()
   cfg.conditioning.kind = "class"
   cfg.conditioning.num_classes = 10
   cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))

@@ -117,10 +117,10 @@ def build_ours(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
   drawn on the host (`common.host_drawn_state`) instead of by the trainer's
   jitted initialiser, whose compilation took ~75 s on the H200.
   """
-  from vqgan_jax.training import defaults
+  from vqgan_jax.training import schema
   from vqgan_jax.training import sharding
   from vqgan_jax.training import vqgan_trainer as vt
-  c = defaults.vqgan_config()
+  c = schema.vqgan_config()
   c.model.update(dict(
       ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]),
       num_res_blocks=dd["num_res_blocks"],

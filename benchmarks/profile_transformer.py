@@ -41,7 +41,7 @@ def main(argv=None):
   from benchmarks import refcompat  # pylint: disable=import-outside-toplevel
   from benchmarks import suite  # pylint: disable=import-outside-toplevel
   from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
-  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import schema  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
 
   torch, _ = refcompat.reference()
@@ -74,7 +74,7 @@ def main(argv=None):
     loss.backward()
     return loss.item()
 
-  cfg = defaults.transformer_config()
+  cfg = schema.transformer_config()
   cfg.conditioning.num_classes = 10
   cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))
   cfg.gpt.update(dict(n_layer=a.layers, n_head=a.heads, n_embd=a.width))

@@ -245,9 +245,9 @@ def gpt_train_setup(layers, width, heads, vocab, tokens, dtype, **gpt):
   """``(config, layout, model, optimizer)`` of the benchmarked stage-2 step:
   a class-conditional GPT over ``tokens`` codes at a fixed learning rate;
   ``gpt`` sets further `config.gpt` fields."""
-  from vqgan_jax.training import defaults  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import schema  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
-  cfg = defaults.transformer_config()
+  cfg = schema.transformer_config()
   cfg.conditioning.kind = "class"
   cfg.conditioning.num_classes = 10
   cfg.optim.update(dict(lr_scaling="none", learning_rate=1e-4))

@@ -14,14 +14,14 @@ Without `cond_dataset`, the conditioning VQGAN encodes
 Converted reference depth transformers sample with
 `sample.py --cond_images=FOLDER_OF_DEPTH_MAPS`.
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
   if not arg:
     raise ValueError("give the images: --config=configs/depth_transformer.py:"
                      "/path/to/images or :tfds:NAME")
-  c = defaults.transformer_config()
+  c = schema.transformer_config()
   c.dataset = arg if arg.startswith(("tfds:", "folder:")) else "folder:" + arg
   c.eval_split = "train"
   c.conditioning.kind = "codes"

@@ -8,11 +8,11 @@ written to `workdir/images/`. Sample afterwards with
 `python sample.py --workdir=runs/digits_transformer`.
 `:test` is a seconds-long variant for tests.
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
-  c = defaults.transformer_config()
+  c = schema.transformer_config()
   c.dataset = "digits"
   c.conditioning.kind = "class"
   c.conditioning.num_classes = 10

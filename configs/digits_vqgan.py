@@ -9,11 +9,11 @@ this config must run without network. Everything else is the reference's
 loss: L1 + adaptive-weight hinge PatchGAN (from `disc_start`) + codebook.
 `--config=configs/digits_vqgan.py:test` is a seconds-long variant for tests.
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
-  c = defaults.vqgan_config()
+  c = schema.vqgan_config()
   c.dataset = "digits"
   c.model.update(dict(
       ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,

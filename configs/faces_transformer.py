@@ -7,14 +7,14 @@ r"""The reference's unconditional FacesHQ / FFHQ / CelebA-HQ transformer:
 The argument is a folder of images or a `tfds:NAME` string. Sampling as the
 reference's FFHQ FID: `python sample.py --workdir=... --top_k=300`.
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
   if not arg:
     raise ValueError("give the images: --config=configs/faces_transformer.py:"
                      "/path/to/faces (a folder) or :tfds:NAME")
-  c = defaults.transformer_config()
+  c = schema.transformer_config()
   c.dataset = arg if arg.startswith(("tfds:", "folder:")) else "folder:" + arg
   c.eval_split = "train"
   c.conditioning.kind = "sos"

@@ -8,14 +8,14 @@ r"""The reference's FacesHQ (FFHQ + CelebA-HQ) VQGAN recipe, f16 at 256x256.
 The argument is a folder of face images (read recursively), or a
 `tfds:NAME` string. Same trunk as ImageNet, 1024 codes, GAN from step 30001.
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
   if not arg:
     raise ValueError("give the face images: --config=configs/faces_vqgan.py:"
                      "/path/to/faces (a folder) or :tfds:NAME")
-  c = defaults.vqgan_config()
+  c = schema.vqgan_config()
   c.dataset = arg if arg.startswith(("tfds:", "folder:")) else "folder:" + arg
   c.eval_split = "train"
   c.model.n_embed = 1024

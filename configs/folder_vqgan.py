@@ -10,14 +10,14 @@ which also carries the reference's discriminator and LPIPS weights).
 Defaults: the f16/1024 trunk, GAN from step 10001, learning rate
 4.5e-6 x batch. Evaluation reads the same folder (centre crops).
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
   if not arg:
     raise ValueError("give the image folder: --config=configs/folder_vqgan.py:"
                      "/path/to/images")
-  c = defaults.vqgan_config()
+  c = schema.vqgan_config()
   c.dataset = "folder:" + arg
   c.eval_split = "train"
   c.loss.disc_start = 10001

@@ -12,7 +12,7 @@ and `--config.gpt.remat=True --config.gpt.scan_layers=True` (with
 `--config.gpt.remat_policy=full|attention|dots`: what each block keeps for
 the backward pass, from least memory to least recomputation).
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = ""):
@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
   unknown = args - {"bf16", "cfg"}
   if unknown:
     raise ValueError(f"unknown config arguments {sorted(unknown)}; valid: bf16, cfg")
-  c = defaults.transformer_config()
+  c = schema.transformer_config()
   c.dataset = "tfds:imagenet2012"
   c.conditioning.kind = "class"
   c.conditioning.num_classes = 1000

@@ -14,12 +14,12 @@ without them pass `--config.loss.perceptual_weight=0`. Learning rate follows
 the reference: 4.5e-6 x global batch. On a pod, raise `batch_size` (global)
 and shard with e.g. `--config.mesh.data=-1 --config.mesh.fsdp=4`.
 """
-from vqgan_jax.training import defaults
+from vqgan_jax.training import schema
 
 
 def get_config(arg: str = "f16_1024"):
   args = [a for a in (arg or "f16_1024").split(",") if a]
-  c = defaults.vqgan_config()
+  c = schema.vqgan_config()
   c.dataset = "tfds:imagenet2012"
   sizes = {"f16_1024": 1024, "f16_16384": 16384}
   name = [a for a in args if a in sizes] or ["f16_1024"]

@@ -66,10 +66,10 @@ def test_reference_imports_on_gpu_image_stack_without_tensorflow():
 
 def test_gpt_model_flops_agree_with_xla_cost_analysis():
   """6N + attention FLOPs vs XLA's count of our real train step (f32)."""
-  from vqgan_jax.training import defaults
+  from vqgan_jax.training import schema
   from vqgan_jax.training import transformer_trainer as tt
   layers, width, heads, vocab, tokens, batch = 2, 128, 4, 256, 64, 4
-  cfg = defaults.transformer_config()
+  cfg = schema.transformer_config()
   cfg.conditioning.num_classes = 10
   cfg.gpt.update(dict(n_layer=layers, n_head=heads, n_embd=width))
   layout = tt.make_layout(cfg, vocab, (1, tokens))

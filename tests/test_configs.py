@@ -6,6 +6,7 @@ import pytest
 
 import train_utils as tu
 from vqgan_jax import vqgan as vqgan_lib
+from vqgan_jax.training import schema
 from vqgan_jax.training import vqgan_trainer as vt
 
 VQGAN_CONFIGS = [("digits_vqgan", ""), ("digits_vqgan", "test"),
@@ -16,7 +17,7 @@ VQGAN_CONFIGS = [("digits_vqgan", ""), ("digits_vqgan", "test"),
 @pytest.mark.parametrize("name,arg", VQGAN_CONFIGS)
 def test_vqgan_configs_validate(name, arg):
   c = tu.load_config(name, arg)
-  vt.validate_config(c)
+  schema.check_vqgan(c)
   model = vqgan_lib.from_config(c.model.to_dict())
   shapes = jax.eval_shape(lambda: vqgan_lib.init_variables(model, jax.random.PRNGKey(0)))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
@@ -44,7 +45,7 @@ def test_transformer_configs_build(name, arg):
   c.vqgan_workdir = "/somewhere"
   if c.conditioning.kind == "codes":
     c.conditioning.cond_vqgan_workdir = "/elsewhere"
-  tt.validate_config(c)
+  schema.check_transformer(c)
   n_embed, grid = {"digits_transformer": (64, (8, 8)),
                    "imagenet_transformer": (16384, (16, 16))}.get(name, (1024, (16, 16)))
   layout = tt.make_layout(c, n_embed, grid, cond_grid=(16, 16))

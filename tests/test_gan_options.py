@@ -21,6 +21,7 @@ import pytest
 import train_utils as tu
 from vqgan_jax import losses
 from vqgan_jax import modules
+from vqgan_jax.training import schema
 from vqgan_jax.training import sharding
 from vqgan_jax.training import vqgan_trainer as vt
 
@@ -217,4 +218,4 @@ def test_defaults_keep_the_reference_state_and_metrics():
 def test_bad_gan_option_values_are_named(field, value, message):
   c = _config(**{field: value})
   with pytest.raises(ValueError, match=message):
-    vt.validate_config(c)
+    schema.check_vqgan(c)

@@ -329,9 +329,9 @@ def test_option_models_encode_and_decode_indices_consistently(opts):
 def test_bad_quantizer_options_are_named(opts, message):
   c = tu.load_config("digits_vqgan", "test")
   c.model.update(opts)
-  from vqgan_jax.training import vqgan_trainer as vt
+  from vqgan_jax.training import schema
   with pytest.raises(ValueError, match=message):
-    vt.validate_config(c)
+    schema.check_vqgan(c)
 
 
 # ----------------------------------------------------------------------------
@@ -396,11 +396,11 @@ def test_ema_codebook_agrees_on_8_devices_and_across_replicas():
 @pytest.mark.parametrize("arg", ["", "test"])
 def test_comparison_options_are_valid_configs_with_the_same_codebook_size(arg):
   from benchmarks import digits_quantizers as dq
-  from vqgan_jax.training import vqgan_trainer as vt
+  from vqgan_jax.training import schema
   n = dq.make_config(arg, {}, 10, 0).model.n_embed
   for name, opt in dq.options(n).items():
     c = dq.make_config(arg, opt, 10, 0)
-    vt.validate_config(c)
+    schema.check_vqgan(c)
     assert c.model.n_embed == n and c.num_train_steps == 10, name
   assert dq.fsq_levels_for(64) == (4, 4, 4) and dq.fsq_levels_for(32) == (4, 4, 2)
 

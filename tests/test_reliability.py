@@ -28,9 +28,9 @@ import train_utils as tu
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.training import checkpoints
+from vqgan_jax.training import schema
 from vqgan_jax.training import sharding
 from vqgan_jax.training import transformer_trainer as tt
-from vqgan_jax.training import validation
 from vqgan_jax.training import vqgan_trainer as vt
 
 
@@ -77,10 +77,10 @@ def _digest(directory):
 ])
 def test_stage1_config_errors_name_field_value_and_fix(field, value, devices, message):
   c = tu.load_config("digits_vqgan", "test")
-  validation.validate_vqgan(c, num_devices=devices, extra=vt.validate_config)  # valid as is
+  schema.validate_vqgan(c, num_devices=devices)  # valid as is
   _set(c, field, value)
-  with pytest.raises(validation.ConfigError, match=message):
-    validation.validate_vqgan(c, num_devices=devices, extra=vt.validate_config)
+  with pytest.raises(schema.ConfigError, match=message):
+    schema.validate_vqgan(c, num_devices=devices)
 
 
 def _vqgan_dir(path, **model):
@@ -96,19 +96,19 @@ def _vqgan_dir(path, **model):
 def test_init_from_of_another_architecture_is_refused_from_model_json(tmp_path):
   c = tu.load_config("digits_vqgan", "test")
   c.init_from = _vqgan_dir(tmp_path / "same")
-  validation.validate_vqgan(c, num_devices=1)
+  schema.validate_vqgan(c, num_devices=1)
   c.init_from = _vqgan_dir(tmp_path / "other", n_embed=64, ch_mult=(1, 2, 2))
-  with pytest.raises(validation.ConfigError,
+  with pytest.raises(schema.ConfigError,
                      match=r"holds a different architecture: ch_mult: checkpoint \[1, 2, 2\] vs "
                      r"config \[1, 2\], n_embed: checkpoint 64 vs config 32; set config.model"):
-    validation.validate_vqgan(c, num_devices=1)
+    schema.validate_vqgan(c, num_devices=1)
   c.init_from = str(tmp_path / "missing")
-  with pytest.raises(validation.ConfigError, match=r"config\.init_from=.*missing does not exist"):
-    validation.validate_vqgan(c, num_devices=1)
+  with pytest.raises(schema.ConfigError, match=r"config\.init_from=.*missing does not exist"):
+    schema.validate_vqgan(c, num_devices=1)
   (tmp_path / "empty").mkdir()
   c.init_from = str(tmp_path / "empty")
-  with pytest.raises(validation.ConfigError, match=r"config\.init_from=.*holds no model\.json"):
-    validation.validate_vqgan(c, num_devices=1)
+  with pytest.raises(schema.ConfigError, match=r"config\.init_from=.*holds no model\.json"):
+    schema.validate_vqgan(c, num_devices=1)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -125,10 +125,10 @@ def test_init_from_of_another_architecture_is_refused_from_model_json(tmp_path):
 def test_stage2_config_errors_name_field_value_and_fix(tmp_path, field, value, message):
   c = tu.load_config("digits_transformer", "test")
   c.vqgan_workdir = _vqgan_dir(tmp_path / "vq")
-  validation.validate_transformer(c, num_devices=4, extra=tt.validate_config)
+  schema.validate_transformer(c, num_devices=4)
   _set(c, field, value)
-  with pytest.raises(validation.ConfigError, match=message):
-    validation.validate_transformer(c, num_devices=4, extra=tt.validate_config)
+  with pytest.raises(schema.ConfigError, match=message):
+    schema.validate_transformer(c, num_devices=4)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -150,7 +150,7 @@ def test_cli_rejects_bad_runs_with_exit_2_one_line_and_an_untouched_workdir(tmp_
   before = _digest(wd)
   r = tu.run_python(["train_vqgan.py", "--config=configs/digits_vqgan.py:test",
                      f"--workdir={wd}", override], check=False, timeout=300)
-  assert r.returncode == validation.EXIT_CONFIG, (r.returncode, r.stderr[-3000:])
+  assert r.returncode == schema.EXIT_CONFIG, (r.returncode, r.stderr[-3000:])
   lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and lines[0].startswith(message), r.stderr[-3000:]
   assert "Traceback" not in r.stderr
@@ -288,7 +288,7 @@ def _check_stopped_after_steps_5_to_7(r, wd):
   """The run poisoned from step 5 with max_bad_steps=3 and checkpoints every
   2 steps exited 3 with one line naming steps 5-7 and checkpoint 4, logged
   each skip and counted them in metrics.jsonl; returns the rows by step."""
-  assert r.returncode == validation.EXIT_NONFINITE, (r.returncode, r.stderr[-4000:])
+  assert r.returncode == schema.EXIT_NONFINITE, (r.returncode, r.stderr[-4000:])
   assert "Traceback" not in r.stderr
   err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(err) == 1, r.stderr[-4000:]
@@ -461,7 +461,7 @@ def test_a_restore_that_fails_on_every_step_moves_nothing(tmp_path):
     ck.restore(extra)
   ck.close()
   assert _digest(tmp_path) == before
-  assert issubclass(checkpoints.CheckpointMismatchError, validation.ConfigError)
+  assert issubclass(checkpoints.CheckpointMismatchError, schema.ConfigError)
 
 
 def test_loaders_read_the_newest_committed_step_and_change_nothing(tmp_path):
@@ -634,7 +634,7 @@ def test_sigterm_during_an_async_save_commits_it_stops_cleanly_and_resumes_exact
 
 def _error_line(r):
   """The single ``error:`` line of a refused run (exit 2, no traceback)."""
-  assert r.returncode == validation.EXIT_CONFIG, (r.returncode, r.stderr[-3000:])
+  assert r.returncode == schema.EXIT_CONFIG, (r.returncode, r.stderr[-3000:])
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1, r.stderr[-3000:]

@@ -17,6 +17,7 @@ import train_utils as tu
 from vqgan_jax import discriminator as disc_lib
 from vqgan_jax import losses
 from vqgan_jax import modules
+from vqgan_jax.training import schema
 from vqgan_jax.training import sharding
 from vqgan_jax.training import vqgan_trainer as vt
 
@@ -238,7 +239,7 @@ def test_bad_config_values_are_named(field, value, message):
     node = node[k]
   node[key[-1]] = value
   with pytest.raises(ValueError, match=message):
-    vt.validate_config(c)
+    schema.check_vqgan(c)
 
 
 def test_batch_and_mesh_errors():
@@ -247,7 +248,7 @@ def test_batch_and_mesh_errors():
     sharding.make_mesh({"data": 2, "fsdp": 2})
   c.batch_size = 7
   mesh = sharding.make_mesh({"data": 1})
-  vt._check_batch(c, mesh)  # one device divides everything
+  schema.check_batch(c, dict(mesh.shape))  # one device divides everything
   with pytest.raises(ValueError, match="does not fit 1 devices"):
     sharding.make_mesh({"data": -1, "fsdp": 2})
 

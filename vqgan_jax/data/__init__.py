@@ -30,8 +30,8 @@ DATASET_FORMS = ("'digits'", "'tfds:NAME[:SPLIT]' (with data_dir)",
                  "'folder:PATH'")
 
 __all__ = ['DATASET_FORMS', 'Dataset', 'ThreadPrefetcher', 'TrainIterator',
-           'build_dataset', 'build_source', 'make_global_batch',
-           'prefetch_to_device']
+           'build_dataset', 'build_source', 'check_dataset',
+           'make_global_batch', 'prefetch_to_device']
 
 
 def build_source(dataset: str, *, split: str = 'train',
@@ -52,18 +52,26 @@ def build_source(dataset: str, *, split: str = 'train',
     FileNotFoundError: a missing or empty folder, or an unprepared TFDS
       dataset (the message says how to fix it).
   """
-  kind, sep, arg = dataset.partition(':')
+  check_dataset(dataset)
+  kind, _, arg = dataset.partition(':')
   if dataset == 'digits':
     from vqgan_jax.data import sources
     return sources.digits_source(split)
-  if kind == 'folder' and sep and arg:
+  if kind == 'folder':
     from vqgan_jax.data import sources
     return sources.FolderSource(arg)
-  if kind == 'tfds' and sep and arg:
-    from vqgan_jax.data import tfds_source
-    return tfds_source.TfdsSource(arg, split, data_dir)
-  raise ValueError(f'unknown dataset {dataset!r}; config.dataset must be one '
-                   f'of {", ".join(DATASET_FORMS)}.')
+  from vqgan_jax.data import tfds_source
+  return tfds_source.TfdsSource(arg, split, data_dir)
+
+
+def check_dataset(dataset: str, field: str = 'dataset') -> None:
+  """Raises a ValueError unless `dataset` has one of `DATASET_FORMS`
+  (`field` names the config field in the message)."""
+  kind, sep, arg = str(dataset).partition(':')
+  if dataset == 'digits' or (kind in ('folder', 'tfds') and sep and arg):
+    return
+  raise ValueError(f'unknown dataset {dataset!r}; config.{field} must be one '
+                   f'of {", ".join(DATASET_FORMS)}')
 
 
 def build_dataset(dataset: str, *, resolution: int, split: str = 'train',

@@ -26,14 +26,14 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from vqgan_jax.training import validation
+from vqgan_jax.training import schema
 
 COMMIT_MARKER = "commit_success.txt"  # written by orbax as a save's last file
 MODEL_FILE = "model.json"  # vqgan_jax.checkpoint.MODEL_FILE
 MAX_LISTED = 4  # differing paths named in a mismatch message
 
 
-class CheckpointMismatchError(validation.ConfigError):
+class CheckpointMismatchError(schema.ConfigError):
   """The workdir's checkpoints hold another model or optimizer than the
   config builds; the message names the differences and the fix."""
 

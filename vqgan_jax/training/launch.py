@@ -52,27 +52,27 @@ def run(trainer_module: str) -> None:
     del argv
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
-    from vqgan_jax.training import validation  # pylint: disable=g-import-not-at-top
+    from vqgan_jax.training import schema  # pylint: disable=g-import-not-at-top
     runtime.keep_freed_host_memory(FLAGS.host_malloc)
     try:
       runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(validation.EXIT_CONFIG)
+      sys.exit(schema.EXIT_CONFIG)
     runtime.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
         auto=FLAGS.distributed_auto)
     trainer = importlib.import_module(trainer_module)
     try:
       last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (validation.ConfigError, FileNotFoundError) as e:
+    except (schema.ConfigError, FileNotFoundError) as e:
       # A bad config, path or dataset, or a workdir of another architecture
       # (checkpoints.CheckpointMismatchError): one line, no traceback.
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(validation.EXIT_CONFIG)
+      sys.exit(schema.EXIT_CONFIG)
     except FloatingPointError as e:  # max_bad_steps non-finite steps in a row
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(validation.EXIT_NONFINITE)
+      sys.exit(schema.EXIT_NONFINITE)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                         if isinstance(v, float))
     print(f"done: {FLAGS.workdir} ({summary})")

@@ -32,8 +32,8 @@ from vqgan_jax.training import digest
 from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
+from vqgan_jax.training import schema
 from vqgan_jax.training import sharding as shard_lib
-from vqgan_jax.training import validation
 from vqgan_jax.training.loop import to_host
 
 PyTree = Any
@@ -66,12 +66,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
       sched = optax.join_schedules(
           [optax.linear_schedule(0.0, lr, o.warmup_steps),
            optax.constant_schedule(lr)], [o.warmup_steps])
-  elif o.schedule == "cosine":
+  else:  # 'cosine', the other of schema.SCHEDULES
     total = max(config.num_train_steps, o.warmup_steps + 1)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, o.warmup_steps, total)
-  else:
-    raise ValueError(f"config.optim.schedule={o.schedule!r}; valid: "
-                     "'constant', 'cosine'")
   parts = []
   if o.grad_clip and o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
@@ -102,9 +99,6 @@ class Layout:
 
 def make_layout(config, n_embed: int, grid, cond_grid=None) -> Layout:
   cc = config.conditioning
-  if cc.kind not in cond_lib.KINDS:
-    raise ValueError(f"config.conditioning.kind={cc.kind!r}; valid: "
-                     f"{cond_lib.KINDS}")
   null = None
   vocab = n_embed
   if cc.kind == "class":
@@ -129,9 +123,6 @@ def build_model(config, layout: Layout) -> gpt_lib.GPT:
     raise ValueError(f"config.gpt.block_size={block} is shorter than the "
                      f"sequence ({layout.cond_len} conditioning + "
                      f"{layout.image_len} image tokens - 1 = {need})")
-  if g["n_embd"] % g["n_head"]:
-    raise ValueError(f"config.gpt.n_embd={g['n_embd']} is not divisible by "
-                     f"n_head={g['n_head']}")
   if g.get("position_embedding") == "rope2d":
     if config.permuter != "identity":
       raise ValueError("config.gpt.position_embedding='rope2d' places tokens "
@@ -349,45 +340,16 @@ def sample_grid(model, params, vq_model, vq_vars, layout: Layout, config,
 # The loop
 
 
-# config.gpt fields that make another model; resuming a workdir trained with
-# other values is refused (checkpoints.check_resume). Other shape changes
-# (block_size, vocabulary) are caught from the checkpoint's stored shapes.
-GPT_ARCH = ("n_layer", "n_head", "n_embd", "n_unmasked", "norm", "mlp",
-            "position_embedding")
-
-
-def validate_config(config) -> None:
-  if not config.vqgan_workdir:
-    raise ValueError("config.vqgan_workdir is empty: point it to a stage-1 "
-                     "workdir (train_vqgan.py) or a converted VQGAN "
-                     "(python -m vqgan_jax.convert)")
-  if config.conditioning.kind not in cond_lib.KINDS:
-    raise ValueError(f"config.conditioning.kind={config.conditioning.kind!r};"
-                     f" valid: {cond_lib.KINDS}")
-  if config.permuter not in cond_lib.PERMUTERS:
-    raise ValueError(f"config.permuter={config.permuter!r}; valid: "
-                     f"{cond_lib.PERMUTERS}")
-  if not 0.0 < config.pkeep <= 1.0:
-    raise ValueError(f"config.pkeep={config.pkeep} must be in (0, 1]")
-  if config.conditioning.kind == "codes" and not (
-      config.conditioning.cond_vqgan_workdir):
-    raise ValueError("conditioning.kind='codes' needs "
-                     "config.conditioning.cond_vqgan_workdir")
-  learning_rate(config)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> Dict[str, Any]:
   """Trains (or resumes) a stage-2 GPT in ``workdir``; returns last metrics."""
-  validation.validate_transformer(config, extra=validate_config)
+  schema.validate_transformer(config)
   workdir = os.path.abspath(workdir)
   checkpoints.check_resume(  # another architecture in this workdir: exit 2
-      workdir, config.gpt.to_dict(), GPT_ARCH, section=("train_config", "gpt"))
+      workdir, config.gpt.to_dict(), schema.GPT_ARCH,
+      section=("train_config", "gpt"))
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   n_dev = mesh.devices.size
-  if config.batch_size % n_dev:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible"
-                     f" by the {n_dev} devices; use a multiple of {n_dev}")
   primary = jax.process_index() == 0
   vq_dir = _resolve_dir(config.vqgan_workdir)
   vq_model, vq_vars = ckpt_lib.load_vqgan(vq_dir)

@@ -34,8 +34,8 @@ from vqgan_jax.training import digest
 from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
+from vqgan_jax.training import schema
 from vqgan_jax.training import sharding as shard_lib
-from vqgan_jax.training import validation
 
 PyTree = Any
 
@@ -323,62 +323,7 @@ to_host = loop.to_host  # re-exported for callers of this module
 
 
 # ----------------------------------------------------------------------------
-# Validation and the loop
-
-
-def validate_config(config) -> None:
-  """Checks that fail before anything compiles, naming field and fix."""
-  m = config.model
-  f = 2**(len(m.ch_mult) - 1)
-  for name, ch in [("model.ch", m.ch)] + [
-      (f"model.ch * ch_mult[{i}]", m.ch * k) for i, k in enumerate(m.ch_mult)]:
-    if ch % 32:
-      raise ValueError(f"config.{name}={ch} is not divisible by 32, the "
-                       "GroupNorm group count; use a multiple of 32")
-  if m.resolution % f:
-    raise ValueError(f"config.model.resolution={m.resolution} is not "
-                     f"divisible by the downsampling factor {f} "
-                     f"(2**(len(ch_mult)-1)); use a multiple of {f}")
-  reached = {m.resolution // 2**i for i in range(len(m.ch_mult))}
-  never = sorted(set(m.attn_resolutions) - reached)
-  if never:
-    raise ValueError(f"config.model.attn_resolutions contains {never}, never "
-                     f"reached; reached resolutions are {sorted(reached)}")
-  if m.quantizer not in vqgan_lib.QUANTIZERS:
-    raise ValueError(f"config.model.quantizer={m.quantizer!r}; valid: "
-                     f"{vqgan_lib.QUANTIZERS}")
-  vqgan_lib.check_quantizer_options(m)
-  if config.loss.disc_loss not in ("hinge", "vanilla"):
-    raise ValueError(f"config.loss.disc_loss={config.loss.disc_loss!r}; "
-                     "valid: 'hinge', 'vanilla'")
-  lc = config.loss
-  mode = lc.get("gan_weight_mode", "adaptive")
-  if mode not in losses.GAN_WEIGHT_MODES:
-    raise ValueError(f"config.loss.gan_weight_mode={mode!r}; valid: "
-                     f"{losses.GAN_WEIGHT_MODES}")
-  wmode = lc.get("disc_warmup_mode", "hold")
-  if wmode not in losses.WARMUP_MODES:
-    raise ValueError(f"config.loss.disc_warmup_mode={wmode!r}; valid: "
-                     f"{losses.WARMUP_MODES}")
-  for name in ("gan_weight", "disc_warmup_steps", "lecam_weight",
-               "r1_weight"):
-    if lc.get(name, 0) < 0:
-      raise ValueError(f"config.loss.{name}={lc.get(name)} is negative; "
-                       "use a value >= 0 (0 turns the option off)")
-  if not 0.0 <= lc.get("lecam_decay", 0.999) < 1.0:
-    raise ValueError(f"config.loss.lecam_decay={lc.lecam_decay} must be in "
-                     "[0, 1), e.g. 0.999")
-  if config.batch_size <= 0 or config.num_train_steps < 0:
-    raise ValueError("config.batch_size must be > 0 and num_train_steps >= 0")
-  learning_rate(config)
-
-
-def _check_batch(config, mesh) -> None:
-  n = mesh.devices.size
-  if config.batch_size % n:
-    raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the "
-        f"{n} devices of the mesh {dict(mesh.shape)}; use a multiple of {n}")
+# The loop
 
 
 def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
@@ -386,24 +331,12 @@ def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
   discriminator by the one saved beside it (``extras``) when it fits."""
   path = config.init_from
   info, variables = ckpt_lib.load_variables(path, "vqgan")
-  want = vqgan_lib.model_config(model)
-  have = dict(info["config"])
-  arch = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-          "in_channels", "resolution", "z_channels", "n_embed", "embed_dim",
-          "quantizer")
-  diff = {k: (have.get(k), want[k]) for k in arch if have.get(k) != want[k]}
   shapes_ok = jax.tree.structure(variables["params"]) == jax.tree.structure(
       state["params"]) and all(
           np.shape(a) == np.shape(b) for a, b in zip(
               jax.tree.leaves(variables["params"]),
               jax.tree.leaves(state["params"])))
-  if diff or not shapes_ok:
-    raise ValueError(
-        f"config.init_from={path} holds a different architecture: " +
-        (", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
-                   for k, (a, b) in sorted(diff.items())) or
-         "parameter shapes differ") +
-        "; set config.model to the checkpoint's values")
+  schema.check_init_from(config, info["config"], shapes_ok)
   params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                         variables["params"], state["params"])
   state = dict(state, params=params)
@@ -497,8 +430,8 @@ class Setup:
 def create(config, mesh, extras: Optional[Dict[str, Any]] = None,
            tx: Optional[Tuple[Any, Any]] = None) -> Setup:
   """Builds the model, shardings and jitted functions of a stage-1 run."""
-  validate_config(config)
-  _check_batch(config, mesh)
+  schema.check_vqgan(config)
+  schema.check_batch(config, dict(mesh.shape))
   model, disc = build_model(config), build_discriminator(config)
   tx_g, tx_d = tx or (make_optimizer(config), make_optimizer(config))
   init = functools.partial(init_state, model, disc, tx_g, tx_d, config)
@@ -526,13 +459,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> Dict[str, Any]:
   """Trains (or resumes) a VQGAN in ``workdir``; returns the last metrics."""
   from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  validation.validate_vqgan(config, extra=validate_config)
+  schema.validate_vqgan(config)
   workdir = os.path.abspath(workdir)
   checkpoints.check_resume(  # another architecture in this workdir: exit 2
       workdir, vqgan_lib.model_config(vqgan_lib.from_config(
-          config.model.to_dict())), validation.VQGAN_ARCH)
+          config.model.to_dict())), schema.VQGAN_ARCH)
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
-  _check_batch(config, mesh)
   primary = jax.process_index() == 0
 
   train_ds = data_lib.build_dataset(
