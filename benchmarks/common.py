@@ -1,56 +1,12 @@
-"""Shared timing helpers for the side-by-side benchmarks."""
+"""Helpers of the side-by-side benchmarks: a timer and a host-drawn state."""
 from __future__ import annotations
 
-import platform
-import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def machine() -> str:
-  dev = jax.devices()[0]
-  return (f"{platform.processor() or platform.machine()}, "
-          f"{len(jax.devices())} x {dev.platform}:{dev.device_kind}, "
-          f"jax {jax.__version__}")
-
-
-def alternate(fns: Dict[str, Callable[[], object]], repeats: int,
-              warmup: int = 1) -> Dict[str, List[float]]:
-  """Times each function ``repeats`` times, alternating between them.
-
-  Each function must block until its result is ready. Returns the list of
-  wall-clock seconds per function (warm-up calls excluded).
-  """
-  for fn in fns.values():
-    for _ in range(warmup):
-      fn()
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t)
-  return times
-
-
-def repo_config(name: str, arg: str = ""):
-  """`get_config(arg)` of `configs/<name>.py` in this repository."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                      "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def median(xs: List[float]) -> float:
-  return statistics.median(xs)
 
 
 def timed(fn: Callable[[], object]) -> float:

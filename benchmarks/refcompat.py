@@ -7,7 +7,7 @@ but pytorch-lightning 2.x and transformers 5.x, which dropped two names the
 reference imports. :func:`reference` makes both work without touching the
 installed packages:
 
-* torchvision: ``tests/oracle.py`` defines the ``torchvision::nms`` schemas
+* torchvision: `vqgan_jax_testing.oracle` defines the ``torchvision::nms`` schemas
   before torchvision imports (needed where its ``_C`` extension fails to
   load). Where the extension does load, we load it first, so the real schemas
   exist and the oracle's definitions are skipped.
@@ -25,9 +25,7 @@ import os
 import sys
 import types
 
-_TESTS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "tests")
-
+from vqgan_jax_testing import oracle
 
 def _load_torchvision_ops(torch) -> bool:
   """Loads torchvision's compiled ops if they load; False where they don't."""
@@ -98,27 +96,19 @@ def _patch_transformers() -> None:
     transformers.top_k_top_p_filtering = top_k_top_p_filtering
 
 
-def oracle():
-  """The ``tests/oracle.py`` module (import helpers for the reference)."""
-  if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-  return importlib.import_module("oracle")
-
-
 def torch_with_torchvision():
   """torch, with torchvision importable (its ops or the oracle's schemas)."""
   import torch  # pylint: disable=import-outside-toplevel
   if _load_torchvision_ops(torch):
     import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  return oracle().torch()
+  return oracle.torch()
 
 
 def reference():
   """Returns ``(torch, taming)`` with the reference's modules importable."""
   torch = torch_with_torchvision()
-  orc = oracle()
   _patch_lightning()
   _patch_transformers()
-  taming = orc.taming()
+  taming = oracle.taming()
   importlib.import_module("taming.modules.transformer.mingpt")
   return torch, taming

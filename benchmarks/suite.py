@@ -2,7 +2,7 @@
 
 Each section builds our implementation and the reference on the same
 configuration and batch, runs them alternately after warm-up
-(:func:`benchmarks.common.alternate`) and returns :class:`table.Row` s plus
+(:func:`_alternate`) and returns :class:`table.Row` s plus
 note lines. Our models get their own random initialisation (timings do not
 depend on the weights), so our rows do not need the reference to import.
 
@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -30,11 +31,6 @@ from benchmarks import table
 from benchmarks.table import Row
 
 SECTIONS = ("train_transformer", "train_vqgan", "sampling", "encode_decode")
-
-_SMALL_TRUNK = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
-                    embed_dim=16)
-_F16_TRUNK = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                  z_channels=256, embed_dim=256)
 
 # Per preset: shared timing settings and each section's sizes.
 PRESETS = {
@@ -190,7 +186,10 @@ def _each_dtype(env: Env, build: Callable[[str], None],
 
 
 def _alternate(fns, env, errors: List[str]) -> Dict[str, List[float]]:
-  """Like common.alternate, but a call that raises drops its entry."""
+  """Times each function ``env.repeats`` times, alternating between them,
+  after ``env.warmup`` calls each; each must block until its result is
+  ready. A call that raises drops its entry. Returns the seconds per timed
+  call of each function that survived."""
   log(f"timing {', '.join(fns)}: {env.warmup} warm-up + {env.repeats} "
       "alternating calls each")
   live = dict(fns)
@@ -381,10 +380,132 @@ def _reference_gpt_step(env, layers, width, heads, vocab, tokens, z, c):
 # ----------------------------------------------------------------------------
 # Stage 1: VQGAN training step
 
+# One step is a full stage-1 update with the reference's loss: L1 + LPIPS +
+# adaptive-weight hinge PatchGAN (``disc_start=0``, so the GAN term and the
+# discriminator are active from the first step) + codebook, Adam (0.5, 0.9)
+# on generator and discriminator, lr = 4.5e-6 x batch. Both LPIPS use the
+# same random torchvision VGG16 trunk and the ``lpips`` package's lin heads
+# (nothing downloads).
+
+
+def vqgan_trunk(size: int, small: bool, n_embed: int):
+  """``(ddconfig, n_embed, embed_dim)`` of the f16 VQGAN, or of a tiny trunk
+  (``small``: for checking the harness, not for numbers)."""
+  if small:
+    dd = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1,
+              attn_resolutions=[size // 2], dropout=0.0, in_channels=3,
+              resolution=size, z_channels=32)
+    return dd, min(n_embed, 64), 16
+  dd = dict(ch=128, out_ch=3, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2,
+            attn_resolutions=[16], dropout=0.0, in_channels=3,
+            resolution=size, z_channels=256)
+  return dd, n_embed, 256
+
+
+def block_images(size: int, batch: int) -> np.ndarray:
+  """(batch, size, size, 3) float32 images: 16x16 blocks plus noise."""
+  rng = np.random.default_rng(1)
+  base = rng.uniform(-1, 1, (batch, size // 16, size // 16, 3))
+  x = np.repeat(np.repeat(base, 16, 1), 16, 2).astype(np.float32)
+  return x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+
+
+def stage1_reference_step(torch, dd, n_embed, embed_dim, vgg, lin_path, lr,
+                          device="cpu"):
+  """``step(xt, amp=nullcontext) -> [aeloss, discloss]`` of the reference.
+
+  Forward passes and losses run inside ``with amp():`` (e.g. autocast),
+  backward and the optimiser steps outside it.
+  """
+  import taming.modules.losses.lpips as ref_lpips  # pylint: disable=import-outside-toplevel
+  from vqgan_jax_testing import reference_ckpt as rc  # pylint: disable=import-outside-toplevel
+  # Offline LPIPS: our random VGG16 trunk and the lpips package's lin heads.
+  ref_lpips.models = types.SimpleNamespace(vgg16=lambda *a, **k: vgg)
+  ref_lpips.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": (
+      self.load_state_dict(torch.load(lin_path, map_location="cpu"),
+                           strict=False))
+  loss = {"target":
+          "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+          "params": dict(disc_conditional=False, disc_in_channels=3,
+                         disc_start=0, disc_weight=0.8, codebook_weight=1.0)}
+  cfg = rc.vq_model_config(dd, n_embed, embed_dim, lossconfig=loss)
+  ref = rc.build_reference(cfg, seed=0).to(device).train()
+  ref.learning_rate = lr
+  opts, _ = ref.configure_optimizers()
+  groups = [[p for g in o.param_groups for p in g["params"]] for o in opts]
+
+  def step(xt, amp=contextlib.nullcontext):
+    out = []
+    for idx, opt in enumerate(opts):
+      for j, ps in enumerate(groups):  # Lightning's toggle_optimizer
+        for p in ps:
+          p.requires_grad_(j == idx)
+      with amp():
+        xrec, qloss = ref(xt)
+        loss, _ = ref.loss(qloss, xt, xrec, idx, 0,
+                           last_layer=ref.get_last_layer(), split="train")
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      out.append(float(loss.detach()))
+    return out
+
+  return step
+
+
+def stage1_step(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
+                init_cache=None, host_init=False):
+  """``(step, compile seconds, compiled)`` of our stage-1 trainer's step.
+
+  With a dict `init_cache`, the first call keeps its initial state there and
+  later calls (another compute dtype: the same float32 state) start from a
+  copy of it instead of building it again. With `host_init` the state is
+  drawn on the host (`common.host_drawn_state`) instead of by the trainer's
+  jitted initialiser, whose compilation took ~75 s on the H200.
+  """
+  from vqgan_jax.training import schema  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import vqgan_trainer as vt  # pylint: disable=import-outside-toplevel
+  c = schema.vqgan_config()
+  c.model.update(dict(
+      ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]),
+      num_res_blocks=dd["num_res_blocks"],
+      attn_resolutions=tuple(dd["attn_resolutions"]),
+      resolution=dd["resolution"],
+      z_channels=dd["z_channels"], n_embed=n_embed, embed_dim=embed_dim,
+      dtype=dtype))
+  c.loss.update(dict(disc_start=0, disc_weight=0.8, codebook_weight=1.0,
+                     perceptual_weight=1.0, lpips_vgg_path=vgg_path,
+                     lpips_lin_path=lin_path))
+  c.batch_size = batch
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  run = vt.create(c, mesh)
+  if init_cache is not None and "state" in init_cache:
+    state = jax.device_put(jax.tree.map(jnp.copy, init_cache["state"]),
+                           run.state_shardings)
+  else:
+    if host_init:
+      state = jax.device_put(common.host_drawn_state(run.abstract_state),
+                             run.state_shardings)
+    else:
+      state = run.init_fn(jax.random.PRNGKey(0))
+    if init_cache is not None:  # the step donates its state: keep a copy
+      init_cache["state"] = jax.tree.map(jnp.copy, state)
+  holder = {"state": state}
+  batch_ = {"image": jax.device_put(jnp.asarray(x), run.batch_sharding)}
+  compiled = []
+  compile_s = common.timed(lambda: compiled.append(
+      run.step_fn.lower(holder["state"], batch_, run.lpips_vars).compile()))
+
+  def step():
+    holder["state"], m = compiled[0](holder["state"], batch_, run.lpips_vars)
+    return jax.block_until_ready(m)
+
+  return step, compile_s, compiled[0]
+
 
 def train_vqgan(env: Env, size, batch, n_embed, small
                 ) -> Tuple[List[Row], List[str]]:
-  from benchmarks import bench_train_vqgan as btv  # pylint: disable=import-outside-toplevel
   torch, device = env.torch(reference=False)  # LPIPS's VGG16: torchvision
   import lpips  # pylint: disable=import-outside-toplevel
   import torchvision  # pylint: disable=import-outside-toplevel
@@ -397,12 +518,12 @@ def train_vqgan(env: Env, size, batch, n_embed, small
     vgg_path = os.path.join(tmp, "vgg16_random.pth")
     torch.save(vgg.state_dict(), vgg_path)
     log("random VGG16 for LPIPS saved")
-    dd, n_embed, embed_dim = btv.trunk(size, small, n_embed)
-    x = btv.images(size, batch)
+    dd, n_embed, embed_dim = vqgan_trunk(size, small, n_embed)
+    x = block_images(size, batch)
     fns, ours, errors, init_cache = {}, {}, [], {}
 
     def build(dtype):
-      run, secs, compiled = btv.build_ours(
+      run, secs, compiled = stage1_step(
           dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
           init_cache, host_init=jax.default_backend() == "gpu")
       log(f"ours {dtype}: compiled in {secs:.1f} s")
@@ -415,7 +536,7 @@ def train_vqgan(env: Env, size, batch, n_embed, small
     log("building the reference")
     try:
       torch, device = env.torch()
-      ref_step = btv.build_reference(torch, dd, n_embed, embed_dim, vgg,
+      ref_step = stage1_reference_step(torch, dd, n_embed, embed_dim, vgg,
                                      lin_path, 4.5e-6 * batch, device=device)
       xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
       for prec in env.ref_precisions:
@@ -550,16 +671,15 @@ def sampling(env: Env, layers, width, heads, vocab, tokens, batch, top_k
 def encode_decode(env: Env, size, batch, n_embed, small
                   ) -> Tuple[List[Row], List[str]]:
   from vqgan_jax import vqgan as vqgan_lib  # pylint: disable=import-outside-toplevel
-  from benchmarks import bench_train_vqgan as btv  # pylint: disable=import-outside-toplevel
-  dd, n_embed, embed_dim = btv.trunk(size, small, n_embed)
+  dd, n_embed, embed_dim = vqgan_trunk(size, small, n_embed)
   model_kw = dict(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]),
                   num_res_blocks=dd["num_res_blocks"],
                   attn_resolutions=tuple(dd["attn_resolutions"]),
                   resolution=size, z_channels=dd["z_channels"],
                   n_embed=n_embed, embed_dim=embed_dim)
-  x = btv.images(size, batch)
+  x = block_images(size, batch)
   xj = jnp.asarray(x)
-  fns, ours, errors = {}, {}, []
+  fns, ours, errors, outputs = {}, {}, [], {}
 
   init = {}
 
@@ -579,13 +699,14 @@ def encode_decode(env: Env, size, batch, n_embed, small
     ours[dtype] = (secs, mem, flops)
     fns[f"ours:{dtype}"] = (lambda c=compiled, v=variables:
                             jax.block_until_ready(c(v, xj)))
+    outputs[dtype] = lambda c=compiled, v=variables: c(v, xj)
 
   _each_dtype(env, build, errors)
   ref_peak, ref_err = {}, None
   log("building the reference")
   try:
     torch, device = env.torch()
-    import reference_ckpt as rc  # tests/ helper  pylint: disable=import-outside-toplevel
+    from vqgan_jax_testing import reference_ckpt as rc  # pylint: disable=import-outside-toplevel
     cfg = rc.vq_model_config(dict(dd, out_ch=3, in_channels=3, dropout=0.0),
                              n_embed, embed_dim)
     ref = rc.build_reference(cfg, seed=0).to(device)
@@ -609,6 +730,13 @@ def encode_decode(env: Env, size, batch, n_embed, small
   notes = [f"{bench}: f16 VQGAN{' (small trunk)' if small else ''}, "
            f"{size}x{size}, batch {batch}, {n_embed} codes; image -> codes "
            "-> image, the reference in eval mode under no_grad."]
+  if "float32" in outputs and "bfloat16" in outputs:
+    (c32, r32), (c16, r16) = outputs["float32"](), outputs["bfloat16"]()
+    err = jnp.abs(r16.astype(jnp.float32) - r32)
+    notes.append(f"{bench}: bfloat16 vs float32 (ours, same weights): same "
+                 f"code at {100 * float(jnp.mean(c16 == c32)):.1f}% of "
+                 f"positions; reconstructions differ by {float(err.max()):.3f}"
+                 f" max, {float(err.mean()):.4f} mean abs")
   if ref_err:
     notes.append(f"{bench}: {ref_err}")
   notes += [f"{bench}: {e}" for e in errors]
@@ -619,18 +747,10 @@ RUNNERS = {"train_transformer": train_transformer, "train_vqgan": train_vqgan,
            "sampling": sampling, "encode_decode": encode_decode}
 
 
-def ensure_tests_on_path() -> None:
-  tests = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), "tests")
-  if tests not in sys.path:
-    sys.path.insert(0, tests)
-
-
 def run_section(name: str, env: Env, sizes: Dict) -> Tuple[List[Row],
                                                            List[str]]:
   if name not in RUNNERS:
     raise ValueError(f"--only={name!r}; valid sections: {SECTIONS}")
-  ensure_tests_on_path()
   _T0[0] = time.perf_counter()
   log(f"{name} {sizes}")
   return RUNNERS[name](env, **sizes)

@@ -9,20 +9,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-# Dense peak TFLOP/s per device by compute dtype, and HBM bandwidth (TB/s).
-# float32 on NVIDIA tensor-core GPUs: XLA's default matmul/conv precision
-# uses TF32, so its peak is the TF32 one (non-tensor FP32 in the comment).
-# Sources: NVIDIA H100/H200/A100 datasheets (SXM, dense), Google Cloud TPU
-# v5e page; all approximate.
-PEAKS = {
-    # kind substring: (bf16 TFLOP/s, f32-as-used TFLOP/s, TB/s)
-    "h200": (989.0, 494.0, 4.8),   # FP32 non-tensor 67
-    "h100": (989.0, 494.0, 3.35),  # SXM; FP32 non-tensor 67
-    "a100": (312.0, 156.0, 2.04),  # 80 GB SXM; FP32 non-tensor 19.5
-    "l4": (121.0, 60.0, 0.3),
-    "tpu v5 lite": (197.0, 197.0, 0.82),  # v5e; f32 matmuls run as bf16 passes
-    "tpu v5e": (197.0, 197.0, 0.82),
-    "tpu v4": (275.0, 275.0, 1.2),
+from vqgan_jax.training.transformer_trainer import PEAK_TFLOPS
+
+# Device peaks: the bfloat16 dense TFLOP/s are the trainer's table
+# (`PEAK_TFLOPS`, which its MFU logs use). float32 "as used": XLA's default
+# matmul/conv precision on NVIDIA tensor-core GPUs runs float32 as TF32, at
+# half the bfloat16 rate (non-tensor FP32 is far lower: 67 TFLOP/s on the
+# H100/H200, 19.5 on the A100); on TPUs float32 matmuls run as bfloat16
+# passes, at the bfloat16 rate. HBM bandwidth in TB/s, from the NVIDIA
+# H100/H200/A100 datasheets (SXM) and the Cloud TPU pages; approximate.
+HBM_TB_PER_S = {
+    "h200": 4.8, "h100": 3.35, "a100": 2.04, "l4": 0.3,
+    "tpu v5 lite": 0.82, "tpu v5e": 0.82, "tpu v4": 1.2,
 }
 
 
@@ -69,9 +67,11 @@ def device_kind() -> str:
 def peaks(kind: Optional[str] = None):
   """(bf16, f32) TFLOP/s and TB/s of this device, or Nones when unknown."""
   kind = (kind or jax.devices()[0].device_kind).lower()
-  for name, values in PEAKS.items():
+  for name, bf16 in PEAK_TFLOPS.items():
     if name in kind:
-      return values
+      f32 = bf16 if name.startswith("tpu") else bf16 / 2
+      tbs = next((v for k, v in HBM_TB_PER_S.items() if k in kind), None)
+      return bf16, f32, tbs
   return None, None, None
 
 

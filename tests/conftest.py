@@ -1,7 +1,10 @@
-"""Test setup: make tests/ importable (oracle.py, helpers) and keep logs quiet."""
+"""Test setup: keep logs quiet and run JAX on the CPU unless told otherwise.
+
+The helpers shared with the benchmarks (the reference oracle, reference
+checkpoints, trainer-test utilities) live in the `vqgan_jax_testing`
+package at the repository root.
+"""
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

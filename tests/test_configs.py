@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.training import schema
 from vqgan_jax.training import vqgan_trainer as vt

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
-import reference_ckpt as rc
+from vqgan_jax_testing import oracle
+from vqgan_jax_testing import reference_ckpt as rc
 import vqgan_jax
 from vqgan_jax import checkpoint
 from vqgan_jax import convert

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import oracle
-import reference_ckpt as rc
+from vqgan_jax_testing import oracle
+from vqgan_jax_testing import reference_ckpt as rc
 from vqgan_jax import digits_judge
 from vqgan_jax import evaluate
 from vqgan_jax import metrics

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import losses
 from vqgan_jax import modules
 from vqgan_jax.training import schema

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
+from vqgan_jax_testing import oracle
 from vqgan_jax import gpt as gpt_lib
 
 TOL = 1e-4

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import config_io
 from vqgan_jax import gpt as gpt_lib
@@ -336,7 +336,7 @@ def test_digits_options_benchmark_runs_tiny(tmp_path):
                            vqgan_lib.model_config(vq),
                            vqgan_lib.init_variables(vq, jax.random.PRNGKey(0)))
   out = tmp_path / "out"
-  r = tu.run_python(["-m", "benchmarks.digits_transformer_options",
+  r = tu.run_python(["-m", "benchmarks.ablations.digits_transformer_options",
                      f"--vqgan_workdir={tmp_path / 'vq'}", f"--workdir={out}",
                      "--steps=2", "--config_arg=test", "--num_samples=1",
                      "--guidance_scales=3"])

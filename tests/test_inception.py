@@ -9,7 +9,7 @@ resize is checked against torch's on its own.
 import numpy as np
 import pytest
 
-import oracle
+from vqgan_jax_testing import oracle
 from vqgan_jax import inception
 from vqgan_jax import metrics
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
+from vqgan_jax_testing import oracle
 from test_lpips import patch_reference_lpips, random_vgg
 from vqgan_jax import discriminator as jdisc
 from vqgan_jax import losses

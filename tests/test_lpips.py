@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
+from vqgan_jax_testing import oracle
 from vqgan_jax import lpips as jlpips
 from vqgan_jax import torch_io
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
+from vqgan_jax_testing import oracle
 from vqgan_jax import quantizers as q
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import quantizers as q
 from vqgan_jax import vqgan as vqgan_lib
 
@@ -340,7 +340,7 @@ def test_bad_quantizer_options_are_named(opts, message):
 REPLICAS = r"""
 import json
 import jax, numpy as np, optax
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax.training import sharding, vqgan_trainer as vt
 c = tu.load_config("digits_vqgan", "test")
 c.model.update(dict(codebook_update="ema", codebook_dim=4, l2_codes=True,
@@ -395,7 +395,7 @@ def test_ema_codebook_agrees_on_8_devices_and_across_replicas():
 
 @pytest.mark.parametrize("arg", ["", "test"])
 def test_comparison_options_are_valid_configs_with_the_same_codebook_size(arg):
-  from benchmarks import digits_quantizers as dq
+  from benchmarks.ablations import digits_quantizers as dq
   from vqgan_jax.training import schema
   n = dq.make_config(arg, {}, 10, 0).model.n_embed
   for name, opt in dq.options(n).items():
@@ -407,7 +407,7 @@ def test_comparison_options_are_valid_configs_with_the_same_codebook_size(arg):
 
 @pytest.mark.slow
 def test_comparison_script_runs_and_reports_the_eval_rows(tmp_path):
-  r = tu.run_python(["-m", "benchmarks.digits_quantizers",
+  r = tu.run_python(["-m", "benchmarks.ablations.digits_quantizers",
                      f"--workdir={tmp_path}", "--steps=2", "--config_arg=test",
                      "--options=l2_ema_restart"])
   results = json.load(open(tmp_path / "results.json"))

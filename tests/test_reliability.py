@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.training import checkpoints
@@ -723,7 +723,7 @@ def test_stage2_resume_with_another_architecture_exits_2_and_touches_nothing(tmp
 
 RESHARD2 = r"""
 import sys, jax, numpy as np
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax.training import checkpoints, sharding, transformer_trainer as tt
 sharding.MIN_FSDP_SIZE = 0
 c = tu.load_config("digits_transformer", "test")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
+from vqgan_jax_testing import oracle
 from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import sampling
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
-import reference_ckpt as rc
-import train_utils as tu
+from vqgan_jax_testing import oracle
+from vqgan_jax_testing import reference_ckpt as rc
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import codes as codes_lib
 from vqgan_jax import conditioning as cond_lib
 from vqgan_jax import convert
@@ -225,7 +225,7 @@ def test_resume_gives_the_same_later_losses(tmp_path, vqgan_dir):
 SHARDED = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax.training import sharding, transformer_trainer as tt
 sharding.MIN_FSDP_SIZE = 0
 c = tu.load_config("digits_transformer", "test")

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import discriminator as disc_lib
 from vqgan_jax import losses
 from vqgan_jax import modules
@@ -100,7 +100,7 @@ def test_step_gradients_equal_the_pure_reference_loss(disc_start, disc_loss):
 SHARDED = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax.training import sharding, vqgan_trainer as vt
 sharding.MIN_FSDP_SIZE = 0  # shard even the tiny test model
 c = tu.load_config("digits_vqgan", "test")
@@ -271,8 +271,8 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
   """init_from starts from a converted reference checkpoint (generator and its
   discriminator); with learning rate 0 the trained workdir holds exactly the
   converted weights. ActNorm is initialised from data before the first step."""
-  import oracle
-  import reference_ckpt as rc
+  from vqgan_jax_testing import oracle
+  from vqgan_jax_testing import reference_ckpt as rc
   from vqgan_jax import convert
   import vqgan_jax
   torch = oracle.torch()
@@ -329,7 +329,7 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
 
 RESHARD = r"""
 import sys, jax, numpy as np
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax.training import checkpoints, sharding, vqgan_trainer as vt
 sharding.MIN_FSDP_SIZE = 0
 c = tu.load_config("digits_vqgan", "test")

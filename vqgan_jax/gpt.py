@@ -376,7 +376,7 @@ def gelu_exact(x: Array) -> Array:
   nearer the float32 one. XLA's memory plan for the training step of the
   24 x 1024 GPT at batch 16 x 512 tokens, compiled on a CPU, fell from
   43.0 to 37.0 GiB in float32 and from 38.5 to 35.5 GiB in bfloat16
-  (`python -m benchmarks.stage2_memory_plan` compares the step with and
+  (`python -m benchmarks.probes.stage2_memory_plan` compares the step with and
   without the lean GELU and norms). Forward-mode autodiff works (it is a
   `custom_jvp`).
   """

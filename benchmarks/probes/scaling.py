@@ -1,6 +1,6 @@
 r"""Expected throughput of the ImageNet recipes on 8 GPUs and a v5e-64 slice.
 
-    python -m benchmarks.scaling --stage1_images_per_s=98.87 --stage2_mfu=0.389
+    python -m benchmarks.probes.scaling --stage1_images_per_s=98.87 --stage2_mfu=0.389
 
 Inputs are single-device measurements (``benchmarks/gpu.sh``): stage-1
 training images/s on one H100 at the recipe's per-device batch, and the
@@ -21,14 +21,15 @@ import argparse
 import dataclasses
 
 from benchmarks import suite
+from vqgan_jax.training.transformer_trainer import PEAK_TFLOPS
 
 # Effective per-device collective bandwidth (GB/s), approximate: H100 SXM
 # NVLink 4 is 900 GB/s bidirectional per GPU (450 each way; NCCL's bus
 # bandwidth on 8 GPUs is typically ~350-400); TPU v5e ICI is 1,600 Gbps per
 # chip (200 GB/s over its 4 links), about half usable by one collective on
-# the 8x8 torus.
-LINKS = {"8x H100 (NVLink)": (8, 989.0, 350.0),
-         "v5e-64 (ICI)": (64, 197.0, 100.0)}
+# the 8x8 torus. Per system: devices, bf16 peak TFLOP/s, that bandwidth.
+LINKS = {"8x H100 (NVLink)": (8, PEAK_TFLOPS["h100"], 350.0),
+         "v5e-64 (ICI)": (64, PEAK_TFLOPS["tpu v5e"], 100.0)}
 
 
 @dataclasses.dataclass

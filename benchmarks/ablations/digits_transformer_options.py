@@ -1,6 +1,6 @@
 r"""Reference GPT block vs the modern block on `digits`, guided and unguided.
 
-    python -m benchmarks.digits_transformer_options \
+    python -m benchmarks.ablations.digits_transformer_options \
         --vqgan_workdir=runs/digits_vqgan --workdir=runs/transformer_options \
         [--steps=1500] [--seed=0] [--guidance_scales=1.5,3] [--num_samples=20]
 
@@ -39,8 +39,8 @@ VARIANTS = {
 
 def _config(arg: str, vqgan_workdir: str, steps: int, seed: int,
             label_dropout: float, gpt: Dict[str, Any]):
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
-  c = common.repo_config("digits_transformer", arg)
+  from vqgan_jax_testing import train_utils  # pylint: disable=g-import-not-at-top
+  c = train_utils.load_config("digits_transformer", arg)
   c.vqgan_workdir = os.path.abspath(vqgan_workdir)
   c.conditioning.label_dropout = label_dropout
   c.gpt.update(gpt)

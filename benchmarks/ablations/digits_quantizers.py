@@ -1,6 +1,6 @@
 r"""The reference quantizer vs each quantizer option on `digits`, side by side.
 
-    python -m benchmarks.digits_quantizers --workdir=runs/quantizers \
+    python -m benchmarks.ablations.digits_quantizers --workdir=runs/quantizers \
         [--steps=1200] [--seed=0] [--options=reference,fsq,...]
 
 Trains `configs/digits_vqgan.py` once per option with the same steps, seed,
@@ -52,8 +52,8 @@ def options(n_embed: int) -> Dict[str, Dict[str, Any]]:
 
 
 def make_config(arg: str, option: Dict[str, Any], steps: int, seed: int):
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
-  c = common.repo_config("digits_vqgan", arg)
+  from vqgan_jax_testing import train_utils  # pylint: disable=g-import-not-at-top
+  c = train_utils.load_config("digits_vqgan", arg)
   c.model.update(option)
   c.num_train_steps = steps
   c.seed = seed

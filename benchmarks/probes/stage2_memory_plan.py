@@ -1,8 +1,8 @@
 """XLA's memory plan for the stage-2 training step, compiled but not run.
 
-    python -m benchmarks.stage2_memory_plan                 # 24 x 1024 GPT
-    python -m benchmarks.stage2_memory_plan --preset=cpu    # 12 x 512 GPT
-    python -m benchmarks.stage2_memory_plan --tiny
+    python -m benchmarks.probes.stage2_memory_plan                 # 24 x 1024 GPT
+    python -m benchmarks.probes.stage2_memory_plan --preset=cpu    # 12 x 512 GPT
+    python -m benchmarks.probes.stage2_memory_plan --tiny
 
 Compiles the trainer's step (`make_train_step`, donated state, as in
 `python -m benchmarks --only=train_transformer`) for abstract parameters, so
@@ -29,7 +29,7 @@ def main(argv=None):
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from benchmarks import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
+  from benchmarks.probes import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
   from benchmarks import suite  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
 

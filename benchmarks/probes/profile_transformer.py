@@ -1,6 +1,6 @@
 """Stage-2 step in pieces, ours vs the reference, by CPU time per call.
 
-    python -m benchmarks.profile_transformer [--threads 1] [--repeats 3]
+    python -m benchmarks.probes.profile_transformer [--threads 1] [--repeats 3]
 
 Times forward, forward + backward and the full training step (and ours
 without the non-finite guard) of the bench_train_transformer workload

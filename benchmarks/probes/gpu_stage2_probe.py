@@ -1,7 +1,7 @@
 """Stage-2 training step: variants timed in one process, and a kernel profile.
 
-    python3 -m benchmarks.gpu_stage2_probe                  # GPU sizes
-    python3 -m benchmarks.gpu_stage2_probe --tiny           # e.g. on CPU
+    python3 -m benchmarks.probes.gpu_stage2_probe                  # GPU sizes
+    python3 -m benchmarks.probes.gpu_stage2_probe --tiny           # e.g. on CPU
 
 Times our bfloat16 training step (the trainer's `make_train_step`, donated
 state, as in `python -m benchmarks --only=train_transformer`) for several

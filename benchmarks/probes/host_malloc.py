@@ -3,9 +3,9 @@ comes or keeping freed memory (`runtime.keep_freed_host_memory`): wall
 time, minor page faults and resident memory per step. One setting per
 process (it must be set before JAX starts); launch from the repository root:
 
-  python -m benchmarks.host_malloc --mode=default
-  python -m benchmarks.host_malloc --mode=keep
-  python -m benchmarks.host_malloc --workload=digits_gpt --mode=keep --steps=60
+  python -m benchmarks.probes.host_malloc --mode=default
+  python -m benchmarks.probes.host_malloc --mode=keep
+  python -m benchmarks.probes.host_malloc --workload=digits_gpt --mode=keep --steps=60
 
 Workloads: ``vqgan`` (default), the 256x256 VQGAN step with LPIPS and the
 PatchGAN (batch 1, float32; ``--small`` for a tiny trunk); ``digits_gpt``,
@@ -67,9 +67,10 @@ def main(argv=None) -> dict:
 
 
 def _vqgan_step(size: int, small: bool):
-  """`bench_train_vqgan`'s step of ours (random VGG16 for LPIPS)."""
-  from benchmarks import bench_train_vqgan as b  # pylint: disable=import-outside-toplevel
-  import oracle  # pylint: disable=import-outside-toplevel  (tests/, on the path via b)
+  """The suite's stage-1 step of ours (`suite.stage1_step`, random VGG16 for
+  LPIPS)."""
+  from benchmarks import suite  # pylint: disable=import-outside-toplevel
+  from vqgan_jax_testing import oracle  # pylint: disable=import-outside-toplevel
   torch = oracle.torch()
   oracle.taming()
   import lpips  # pylint: disable=import-outside-toplevel
@@ -82,9 +83,10 @@ def _vqgan_step(size: int, small: bool):
     torch.manual_seed(0)
     vgg_path = os.path.join(tmp, "vgg16_random.pth")
     torch.save(torchvision.models.vgg16(weights=None).state_dict(), vgg_path)
-    dd, n_embed, embed_dim = b.trunk(size, small, 1024)
-    step, _, _ = b.build_ours(dd, n_embed, embed_dim, 1, "float32", vgg_path,
-                              lin_path, b.images(size, 1), {})
+    dd, n_embed, embed_dim = suite.vqgan_trunk(size, small, 1024)
+    step, _, _ = suite.stage1_step(dd, n_embed, embed_dim, 1, "float32",
+                                   vgg_path, lin_path,
+                                   suite.block_images(size, 1), {})
   finally:
     shutil.rmtree(tmp)
   return step
@@ -94,11 +96,11 @@ def _digits_gpt_step():
   """The trainer's stage-2 step on `configs/digits_transformer.py`."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from benchmarks import common  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
+  from vqgan_jax_testing import train_utils  # pylint: disable=import-outside-toplevel
 
-  config = common.repo_config("digits_transformer")
-  vq = common.repo_config("digits_vqgan").model  # its codes: 64, on 8 x 8
+  config = train_utils.load_config("digits_transformer")
+  vq = train_utils.load_config("digits_vqgan").model  # its codes: 64, on 8 x 8
   n_embed = vq.n_embed
   grid = (vq.resolution // 2 ** (len(vq.ch_mult) - 1),) * 2
   layout = tt.make_layout(config, n_embed, grid)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+# The repository root (this package sits next to `vqgan_jax/` and `configs/`).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,7 +20,7 @@ def load_config(name, arg=""):
 def env(devices=None, **extra):
   e = dict(os.environ)
   e.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-           PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests"))
+           PYTHONPATH=ROOT)
   if devices:
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   e.update(extra)

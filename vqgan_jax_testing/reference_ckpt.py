@@ -5,7 +5,7 @@ import os
 import numpy as np
 import yaml
 
-import oracle
+from vqgan_jax_testing import oracle
 
 
 def lightning_checkpoint(path, state_dict, hyper_parameters=None):
