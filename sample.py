@@ -15,9 +15,9 @@ the sliding window.
 import os
 import sys
 
-from absl import app
 from absl import flags
 
+from vqgan_jax import cli
 from vqgan_jax.training import runtime  # stdlib only: no JAX backend yet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,14 +52,15 @@ def main(argv):
   try:
     runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    cli.fail(e)
   grid = None
   if FLAGS.grid:
     try:
       grid = tuple(int(v) for v in FLAGS.grid.lower().split("x"))
       assert len(grid) == 2
     except (ValueError, AssertionError):
-      sys.exit(f"error: --grid={FLAGS.grid!r}; expected HxW in tokens, e.g. 32x48")
+      raise cli.UsageError(f"--grid={FLAGS.grid!r}; expected HxW in tokens, "
+                           "e.g. 32x48") from None
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "samples")
   try:
     s = sample_lib.sample_images(
@@ -70,10 +71,10 @@ def main(argv):
         top_p=FLAGS.top_p, guidance_scale=FLAGS.guidance_scale, grid=grid,
         cond_images=FLAGS.cond_images, save_npz=FLAGS.npz)
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(e)
   print(f"wrote {s['images']} samples to {outdir} (grid: {s['grid']}); "
         f"{s['img_per_sec']:.2f} images/s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, __doc__)

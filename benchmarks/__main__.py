@@ -5,6 +5,7 @@ r"""Side-by-side benchmarks of vqgan-jax and the reference: one table.
     python -m benchmarks --only=sampling,encode_decode --dtype=float32 \
         --out=BENCHMARKS.md
     python -m benchmarks --merge a.json b.json --out=table.md
+    python -m benchmarks --help
 
 Rows: stage-1 training images/s, stage-2 training tokens/s, sampling
 tokens/s and encode+decode images/s, for ours (``--dtype``) and the
@@ -13,8 +14,8 @@ bfloat16), on the same configs and batches, alternating after warm-up,
 medians; the ratio to the reference's float32; compile time; peak memory
 (ours: XLA's memory plan of the compiled call; the reference:
 torch.cuda.max_memory_allocated on GPU, n/a on CPU); FLOPs per call from
-XLA's cost analysis and the MFU against the device's peak (table.PEAKS; on
-CPU against a measured float32 matmul rate).
+XLA's cost analysis and the MFU against the device's peak (table.peaks: the
+trainer's PEAK_TFLOPS; on CPU against a measured float32 matmul rate).
 
 Every section is independent: an error prints and the rest still run. Each
 section's table prints as soon as it finishes.
@@ -29,7 +30,6 @@ faults in its temporaries afresh on every call; see BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -39,43 +39,45 @@ import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
 from benchmarks import suite  # noqa: E402
 from benchmarks import table  # noqa: E402
+from vqgan_jax import cli  # noqa: E402
 from vqgan_jax.training import runtime  # noqa: E402
 
 
-def _csv(s: str):
-  return tuple(x for x in s.split(",") if x)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("--tiny", action="store_true",
-                 help="tiny configs (minutes on an idle CPU: checks the harness)")
-  p.add_argument("--preset", choices=sorted(suite.PRESETS), default=None,
-                 help="default: tiny with --tiny, else gpu or cpu by backend")
-  p.add_argument("--only", type=_csv, default=suite.SECTIONS,
-                 help=f"comma-separated subset of {','.join(suite.SECTIONS)}")
-  p.add_argument("--dtype", type=_csv, default=("float32", "bfloat16"),
-                 help="our compute dtypes")
-  p.add_argument("--ref", type=_csv, default=None,
-                 help="reference precisions: float32,autocast (default: "
-                 "float32 on CPU, both on GPU; 'none' skips the reference)")
-  p.add_argument("--repeats", type=int, default=None)
-  p.add_argument("--warmup", type=int, default=None)
-  p.add_argument("--set", action="append", default=[], metavar="SEC.KEY=V",
-                 help="override a size, e.g. --set train_vqgan.size=128")
-  p.add_argument("--malloc", choices=runtime.HOST_MALLOC_MODES, default="default",
-                 help="keep: glibc malloc keeps freed memory for reuse "
-                 "(runtime.keep_freed_host_memory; both implementations)")
-  p.add_argument("--out", default="", help="also write the table here (md)")
-  p.add_argument("--json", default="", help="also write the rows here")
-  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                 help="print one table from earlier --json files and exit")
-  return p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, defined on ``fv``."""
+  flags.DEFINE_bool("tiny", False, "Tiny configs (minutes on an idle CPU: "
+                    "checks the harness).", flag_values=fv)
+  flags.DEFINE_enum("preset", None, sorted(suite.PRESETS), "Sizes and "
+                    "timing settings (default: tiny with --tiny, else gpu or "
+                    "cpu by backend).", flag_values=fv)
+  flags.DEFINE_list("only", list(suite.SECTIONS), "Sections to run, of "
+                    f"{','.join(suite.SECTIONS)}.", flag_values=fv)
+  flags.DEFINE_list("dtype", ["float32", "bfloat16"], "Our compute dtypes.",
+                    flag_values=fv)
+  flags.DEFINE_list("ref", None, "Reference precisions: float32,autocast "
+                    "(default: float32 on CPU, both on GPU; 'none' skips the "
+                    "reference).", flag_values=fv)
+  flags.DEFINE_integer("repeats", None, "Timed calls per implementation "
+                       "(default: the preset's).", flag_values=fv)
+  flags.DEFINE_integer("warmup", None, "Warm-up calls per implementation "
+                       "(default: the preset's).", flag_values=fv)
+  flags.DEFINE_multi_string("set", [], "SECTION.KEY=VALUE: override a size, "
+                            "e.g. --set=train_vqgan.size=128.",
+                            flag_values=fv)
+  flags.DEFINE_enum("malloc", "default", list(runtime.HOST_MALLOC_MODES),
+                    "keep: glibc malloc keeps freed memory for reuse "
+                    "(runtime.keep_freed_host_memory; both implementations).",
+                    flag_values=fv)
+  flags.DEFINE_string("out", "", "Also write the table here (markdown).",
+                      flag_values=fv)
+  flags.DEFINE_string("json", "", "Also write the rows here.", flag_values=fv)
+  flags.DEFINE_bool("merge", False, "Print one table from the earlier --json "
+                    "files given as arguments, and exit.", flag_values=fv)
 
 
 def _sizes(preset: str, overrides) -> dict:
@@ -85,7 +87,7 @@ def _sizes(preset: str, overrides) -> dict:
     key, _, value = item.partition("=")
     sec, _, name = key.partition(".")
     if sec not in sizes or name not in sizes[sec]:
-      raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE with "
+      raise cli.UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE with "
                        f"SECTION in {sorted(sizes)} and KEY one of that "
                        "section's sizes")
     old = sizes[sec][name]
@@ -118,13 +120,23 @@ def render(rows, notes, header: str) -> str:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  """The command line (``argv`` without the program name); returns the exit
+  status. Raises `cli.UsageError` for a bad value."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  merge = cli.parse(fv, argv, __doc__, prog="python -m benchmarks",
+                    max_args=1 << 30)
+  if merge and not fv.merge:
+    raise cli.UsageError(f"unexpected argument {merge[0]!r} (JSON files are "
+                         "for --merge)")
+  if fv.merge and not merge:
+    raise cli.UsageError("--merge needs the --json files to merge")
   kept = False
-  if args.malloc == "keep" and not args.merge:  # before JAX starts a backend
+  if fv.malloc == "keep" and not fv.merge:  # before JAX starts a backend
     kept = runtime.keep_freed_host_memory("keep")
-  if args.merge:
+  if fv.merge:
     rows, notes, machines, cmds = [], [], [], []
-    for path in args.merge:
+    for path in merge:
       with open(path) as f:
         r, n, m = table.from_json(f.read())
       rows += r
@@ -134,29 +146,34 @@ def main(argv=None) -> int:
     text = render(rows, notes + [f"command: `{c}`" for c in cmds],
                   "Machine: " + "; ".join(machines))
     print(text, flush=True)
-    if args.out:
-      with open(args.out, "w") as f:
+    if fv.out:
+      with open(fv.out, "w") as f:
         f.write(text)
     return 0
 
+  unknown = [n for n in fv.only if n not in suite.SECTIONS]
+  if unknown:
+    raise cli.UsageError(f"--only={','.join(fv.only)}: valid sections: "
+                         f"{','.join(suite.SECTIONS)}")
   gpu = jax.default_backend() == "gpu"
-  preset = args.preset or ("tiny" if args.tiny else "gpu" if gpu else "cpu")
-  sizes = _sizes(preset, args.set)
-  ref = args.ref or (("float32", "autocast") if gpu else ("float32",))
+  preset = fv.preset or ("tiny" if fv.tiny else "gpu" if gpu else "cpu")
+  sizes = _sizes(preset, fv.set)
+  ref = tuple(fv.ref or (("float32", "autocast") if gpu else ("float32",)))
   ref = () if ref == ("none",) else ref
   bad = set(ref) - {"float32", "autocast"}
   if bad:
-    raise ValueError(f"--ref={','.join(ref)}: valid: float32, autocast, none")
-  bad = [d for d in args.dtype if d not in ("float32", "bfloat16")]
+    raise cli.UsageError(f"--ref={','.join(ref)}: valid: float32, autocast, "
+                         "none")
+  bad = [d for d in fv.dtype if d not in ("float32", "bfloat16")]
   if bad:
-    raise ValueError(f"--dtype={','.join(args.dtype)}: valid: float32, "
-                     "bfloat16")
+    raise cli.UsageError(f"--dtype={','.join(fv.dtype)}: valid: float32, "
+                         "bfloat16")
   cpu_peak = None
   if table.peaks()[0] is None:
     cpu_peak = table.measure_cpu_matmul_tflops()
-  env = suite.Env(args.dtype, ref,
-                  args.repeats or suite.PRESETS[preset]["repeats"],
-                  args.warmup if args.warmup is not None
+  env = suite.Env(fv.dtype, ref,
+                  fv.repeats or suite.PRESETS[preset]["repeats"],
+                  fv.warmup if fv.warmup is not None
                   else suite.PRESETS[preset]["warmup"], cpu_peak=cpu_peak)
   cmd = "python -m benchmarks " + " ".join(argv if argv is not None
                                            else sys.argv[1:])
@@ -165,14 +182,14 @@ def main(argv=None) -> int:
             f"UTC\n\nMachine: {machine(cpu_peak, kept)}")
   print(header, flush=True)
   rows, notes = [], []
-  for name in args.only:
+  for name in fv.only:
     print(f"\n## {name} ...", flush=True)
     try:
       r, n = suite.run_section(name, env, sizes[name])
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       n, r = [f"{name}: FAILED: {type(e).__name__}: {e}"], []
-    changed = [item[len(name) + 1:] for item in args.set
+    changed = [item[len(name) + 1:] for item in fv.set
                if item.startswith(name + ".")]
     if changed:  # rows of another size are another benchmark (own ratios)
       label = " (" + ", ".join(changed) + ")"
@@ -186,13 +203,13 @@ def main(argv=None) -> int:
     for line in n:
       print(f"- {line}", flush=True)
   text = render(rows, notes, header)
-  if len(args.only) > 1:
+  if len(fv.only) > 1:
     print("\n" + text, flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
+  if fv.out:
+    with open(fv.out, "w") as f:
       f.write(text)
-  if args.json:
-    with open(args.json, "w") as f:
+  if fv.json:
+    with open(fv.json, "w") as f:
       f.write(table.to_json(rows, notes, {
           "header": header, "machine": machine(kept_freed_memory=kept),
           "command": cmd.strip()}))
@@ -200,4 +217,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except cli.UsageError as e:
+    cli.fail(e)

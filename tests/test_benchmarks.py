@@ -274,3 +274,28 @@ def test_host_malloc_benchmark_runs_steps_under_kept_memory(workload):
   assert "--mode=keep (applied: True)" in out and "s/step" in out, out
   timed = [l for l in out.splitlines() if l.startswith("steps: ")]
   assert len(timed) == 1 and timed[0].count(" s/") == 2, out  # per step
+
+
+def test_benchmarks_and_tests_import_the_support_package_not_sys_path():
+  """The reference oracle is `vqgan_jax_testing`; nothing edits sys.path,
+  and the benchmark sections have one implementation each (suite.py)."""
+  edits = ("sys.path." + "insert", "sys.path." + "append")
+  found = []
+  for top in ("benchmarks", "tests", "vqgan_jax", "vqgan_jax_testing",
+              "scripts", "configs", "."):
+    folder = os.path.join(_ROOT, top)
+    names = (os.listdir(folder) if top == "." else
+             [os.path.relpath(os.path.join(d, f), folder)
+              for d, _, fs in os.walk(folder) for f in fs])
+    for name in names:
+      path = os.path.join(folder, name)
+      if name.endswith(".py") and os.path.isfile(path):
+        with open(path) as f:
+          text = f.read()
+        found += [f"{top}/{name}" for e in edits if e in text]
+  assert not found, found
+  assert set(suite.RUNNERS) == set(suite.SECTIONS)
+  scripts = [f for f in os.listdir(os.path.join(_ROOT, "benchmarks"))
+             if f.endswith(".py")]
+  assert sorted(scripts) == ["__init__.py", "__main__.py", "common.py",
+                             "refcompat.py", "suite.py", "table.py"], scripts

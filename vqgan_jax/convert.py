@@ -15,7 +15,6 @@ No torch is needed: checkpoints are read with :mod:`vqgan_jax.torch_io`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -25,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from absl import flags
 from flax import traverse_util
 
+from vqgan_jax import cli
 from vqgan_jax import torch_io
 from vqgan_jax import vqgan as vqgan_lib
 
@@ -435,34 +436,51 @@ def write_converted_vqgan(checkpoint_path, config_path, out_dir, *,
       extras_saved=sorted(extras))
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, defined on ``fv``."""
+  flags.DEFINE_string("checkpoint", None,
+                      "Reference Lightning .ckpt (e.g. last.ckpt).",
+                      flag_values=fv)
+  flags.DEFINE_string("config", None,
+                      "The YAML released with it (e.g. model.yaml).",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
+  flags.DEFINE_bool("noisy-gumbel", False,
+                    "GumbelVQ: keep the reference's noisy encoding at "
+                    "inference instead of the argmax.", flag_values=fv)
+  flags.mark_flags_as_required(["checkpoint", "config", "out"],
+                               flag_values=fv)
+
+
+_USAGE = """Convert an official taming-transformers checkpoint (VQModel,
+GumbelVQ or Net2NetTransformer) to vqgan-jax's format.
+
+  python -m vqgan_jax.convert --checkpoint=last.ckpt --config=model.yaml \\
+      --out=converted/vqgan_f16_16384 [--noisy-gumbel]
+"""
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m vqgan_jax.convert",
-      description="Convert an official taming-transformers checkpoint "
-      "(VQModel, GumbelVQ or Net2NetTransformer) to vqgan-jax's format.")
-  parser.add_argument("--checkpoint", required=True,
-                      help="reference Lightning .ckpt (e.g. last.ckpt)")
-  parser.add_argument("--config", required=True,
-                      help="the YAML released with it (e.g. model.yaml)")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--noisy-gumbel", action="store_true",
-                      help="GumbelVQ: keep the reference's noisy encoding at "
-                      "inference instead of the argmax")
-  args = parser.parse_args(argv)
+  """The command line (``argv`` without the program name); returns the exit
+  status: 0 written, 2 a command-line mistake or an unreadable input."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  cli.parse(fv, argv, _USAGE, prog="python -m vqgan_jax.convert")
+  checkpoint_path, config_path, out_dir = fv.checkpoint, fv.config, fv.out
   try:
-    cfg = read_reference_config(args.config)
-    if os.path.exists(os.path.join(args.out, "model.json")):
+    cfg = read_reference_config(config_path)
+    if os.path.exists(os.path.join(out_dir, "model.json")):
       raise ConversionError(
-          f"{args.out} already holds a converted model; choose a new --out "
+          f"{out_dir} already holds a converted model; choose a new --out "
           "(nothing was overwritten)")
     if cfg["model"]["target"] == TRANSFORMER_TARGET:
-      out = write_converted_transformer(args.checkpoint, args.config, args.out)
+      out = write_converted_transformer(checkpoint_path, config_path, out_dir)
     else:
-      out = write_converted_vqgan(args.checkpoint, args.config, args.out,
-                                  noisy_gumbel=args.noisy_gumbel)
+      out = write_converted_vqgan(checkpoint_path, config_path, out_dir,
+                                  noisy_gumbel=fv["noisy-gumbel"].value)
   except (ConversionError, torch_io.CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.EXIT_USAGE
   print(f"wrote {out}")
   return 0
 

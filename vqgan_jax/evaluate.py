@@ -29,6 +29,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vqgan_jax import cli
+
 MODES = ("reconstruction", "samples", "digits-judge")
 
 
@@ -344,7 +346,7 @@ def run(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
 
 def main() -> None:
   define_flags(flags.FLAGS)
-  app.run(lambda argv: sys.exit(run(argv, flags.FLAGS)))
+  cli.run(lambda argv: run(argv, flags.FLAGS), __doc__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Encode a folder of images to code grids and reconstruct them.
+r"""Encode a folder of images to code grids and reconstruct them.
 
-    python -m vqgan_jax.reconstruct --model DIR --images FOLDER --out OUT \
-        [--resolution 256] [--batch_size 8] [--bf16]
+    python -m vqgan_jax.reconstruct --model=DIR --images=FOLDER --out=OUT \
+        [--resolution=256] [--batch_size=8] [--bf16]
 
 ``DIR`` is a converted reference checkpoint or a stage-1 training workdir.
 For every image ``FOLDER/a/b.jpg`` it writes ``OUT/codes/a/b.npy`` (int32
@@ -11,7 +11,6 @@ for evaluation. Unreadable files are skipped and listed.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,9 +19,11 @@ from typing import Iterator, List, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from vqgan_jax import checkpoint
+from vqgan_jax import cli
 from vqgan_jax import quantizers
 from vqgan_jax.data import images as image_lib
 
@@ -139,29 +140,38 @@ def reconstruct_folder(model_dir: str, image_dir: str, out_dir: str, *,
   return summary
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, defined on ``fv``."""
+  flags.DEFINE_string("model", None, "Converted checkpoint directory or "
+                      "stage-1 workdir.", flag_values=fv)
+  flags.DEFINE_string("images", None, "Folder of images (searched "
+                      "recursively).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+  flags.DEFINE_integer("resolution", None, "Crop size (default: the model's "
+                       "training resolution).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "Images per jitted batch.",
+                       flag_values=fv)
+  flags.DEFINE_bool("bf16", False, "Compute in bfloat16.", flag_values=fv)
+  flags.mark_flags_as_required(["model", "images", "out"], flag_values=fv)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m vqgan_jax.reconstruct",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True,
-                 help="converted checkpoint dir or stage-1 workdir")
-  p.add_argument("--images", required=True, help="folder of images (recursive)")
-  p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--resolution", type=int, default=None,
-                 help="crop size (default: the model's training resolution)")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--bf16", action="store_true", help="compute in bfloat16")
-  args = p.parse_args(argv)
+  """The command line (``argv`` without the program name); returns the exit
+  status: 0 done, 2 a command-line mistake or a missing input."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  cli.parse(fv, argv, __doc__, prog="python -m vqgan_jax.reconstruct")
   try:
-    s = reconstruct_folder(args.model, args.images, args.out,
-                           resolution=args.resolution,
-                           batch_size=args.batch_size,
-                           dtype=jnp.bfloat16 if args.bf16 else None)
+    s = reconstruct_folder(fv.model, fv.images, fv.out,
+                           resolution=fv.resolution,
+                           batch_size=fv.batch_size,
+                           dtype=jnp.bfloat16 if fv.bf16 else None)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.EXIT_USAGE
   for line in s["skipped"]:
     print(f"skipped {line}", file=sys.stderr)
-  print(f"{s['images']} images -> {args.out}: PSNR {s['psnr_db']:.2f} dB, "
+  print(f"{s['images']} images -> {fv.out}: PSNR {s['psnr_db']:.2f} dB, "
         f"codebook usage {100 * s['codebook_usage']:.1f}%, perplexity "
         f"{s['perplexity']:.1f}, {s['img_per_sec']:.2f} img/s "
         f"({len(s['skipped'])} skipped)")

@@ -7,17 +7,18 @@ Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
 path or dataset, or a workdir whose checkpoints hold another model or
 optimizer than the config (one ``error:`` line on stderr; nothing in the
-workdir is touched), 3 too many non-finite steps in a row.
+workdir is touched), 3 too many non-finite steps in a row. ``--help``
+prints the script's docstring and these flags (`vqgan_jax.cli`).
 """
 import importlib
 import logging
 import os
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vqgan_jax import cli
 from vqgan_jax.training import runtime  # stdlib only: no JAX backend yet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -39,9 +40,8 @@ flags.DEFINE_string("compilation_cache_dir", None,
 flags.DEFINE_enum("host_malloc", "default", list(runtime.HOST_MALLOC_MODES),
                   "keep: glibc malloc reuses freed memory instead of "
                   "unmapping it: on CPU it saves XLA's page faults on every "
-                  "step (the 256x256 VQGAN step 1.16-1.21x faster, the digits "
-                  "stage-2 run 1.29x), but resident memory never shrinks and "
-                  "can grow with fragmentation (that run: 2.4 GiB, not 1.25).")
+                  "step, but resident memory never shrinks and can grow with "
+                  "fragmentation (BENCHMARKS.md has the measurements).")
 
 
 def run(trainer_module: str) -> None:
@@ -77,4 +77,4 @@ def run(trainer_module: str) -> None:
                         if isinstance(v, float))
     print(f"done: {FLAGS.workdir} ({summary})")
 
-  app.run(main)
+  cli.run(main, sys.modules["__main__"].__doc__)
