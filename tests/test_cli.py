@@ -118,3 +118,26 @@ def test_tool_input_mistakes_exit_2(tmp_path, capsys):
   assert reconstruct.main([f"--model={tmp_path}", f"--images={tmp_path}",
                            f"--out={tmp_path / 'o'}"]) == 2
   _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("module, key_flags", [
+    ("benchmarks.probes.gpu_stage2_probe", ["--variants", "--trace_steps"]),
+    ("benchmarks.probes.stage2_memory_plan", ["--preset", "--dtypes"]),
+    ("benchmarks.probes.profile_transformer", ["--threads", "--repeats"]),
+    ("benchmarks.probes.host_malloc", ["--mode", "--workload", "--steps"]),
+    ("benchmarks.probes.scaling", ["--stage1_images_per_s", "--stage2_mfu"]),
+    ("benchmarks.ablations.digits_quantizers", ["--workdir", "--options"]),
+    ("benchmarks.ablations.digits_transformer_options",
+     ["--vqgan_workdir", "--guidance_scales", "skip_judge"]),
+])
+def test_probe_and_ablation_help_and_mistakes(module, key_flags, capsys):
+  import importlib  # pylint: disable=import-outside-toplevel
+  main = importlib.import_module(module).main
+  with pytest.raises(SystemExit) as e:
+    main(["--help"])
+  assert e.value.code == 0
+  _check_help(capsys.readouterr().out, key_flags)
+  with pytest.raises(SystemExit) as e:
+    main(["--no_such_flag=1"])
+  assert e.value.code == 2
+  _one_error_line(capsys.readouterr().err)

@@ -16,11 +16,14 @@ trainer resumes from their last checkpoint; a finished run only evaluates).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from typing import Any, Dict, List, Sequence
+
+from absl import flags
+
+from vqgan_jax import cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -113,14 +116,21 @@ def run(workdir: str, names: Sequence[str], steps: int, seed: int,
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", default="runs/quantizers")
-  p.add_argument("--steps", type=int, default=1200)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--options", default=",".join(options(64)),
-                 help="comma-separated subset of: " + ", ".join(options(64)))
-  p.add_argument("--config_arg", default="", help="'' or 'test'")
-  a = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", "runs/quantizers", "Output folder; one "
+                      "sub-workdir per quantizer.", flag_values=fv)
+  flags.DEFINE_integer("steps", 1200, "Training steps per quantizer.",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Training seed.", flag_values=fv)
+  flags.DEFINE_string("options", ",".join(options(64)), "Comma-separated "
+                      "subset of: " + ", ".join(options(64)) + ".",
+                      flag_values=fv)
+  flags.DEFINE_string("config_arg", "", "configs/digits_vqgan.py argument "
+                      "('' or 'test').", flag_values=fv)
+  cli.parse(fv, argv, __doc__,
+            prog="python -m benchmarks.ablations.digits_quantizers")
+  a = fv
+  a = fv
   os.makedirs(a.workdir, exist_ok=True)
   results = run(a.workdir, [s for s in a.options.split(",") if s], a.steps,
                 a.seed, a.config_arg)

@@ -20,12 +20,16 @@ trainings (the trainer resumes from their last checkpoint).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+import types
 from typing import Any, Dict, List, Optional, Sequence
+
+from absl import flags
+
+from vqgan_jax import cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -113,38 +117,43 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _scales(text: str) -> List[float]:
-  try:
-    return [float(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"--guidance_scales={text!r}; expected numbers like 1.5,3") from None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--vqgan_workdir", required=True,
-                 help="stage-1 workdir (train_vqgan.py) or converted VQGAN")
-  p.add_argument("--workdir", required=True,
-                 help="output folder; one sub-workdir per variant")
-  p.add_argument("--steps", type=int, default=1500)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--label_dropout", type=float, default=0.1)
-  p.add_argument("--guidance_scales", type=_scales, default=[1.5, 3.0])
-  p.add_argument("--num_samples", type=int, default=20,
-                 help="samples per digit and setting")
-  p.add_argument("--top_k", type=int, default=None)
-  p.add_argument("--variants", default="reference,modern")
-  p.add_argument("--config_arg", default="",
-                 help="configs/digits_transformer.py argument ('test')")
-  p.add_argument("--skip_judge", action="store_true")
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_string("vqgan_workdir", None, "Stage-1 workdir "
+                      "(train_vqgan.py) or converted VQGAN.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Output folder; one sub-workdir per "
+                      "variant.", flag_values=fv)
+  flags.DEFINE_integer("steps", 1500, "Training steps per variant.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Training and sampling seed.",
+                       flag_values=fv)
+  flags.DEFINE_float("label_dropout", 0.1, "Class-label dropout (for "
+                     "classifier-free guidance).", flag_values=fv)
+  flags.DEFINE_list("guidance_scales", ["1.5", "3.0"], "Guidance scales to "
+                    "sample with, besides none.", flag_values=fv)
+  flags.DEFINE_integer("num_samples", 20, "Samples per digit and setting.",
+                       flag_values=fv)
+  flags.DEFINE_integer("top_k", None, "Top-k filter when sampling.",
+                       flag_values=fv)
+  flags.DEFINE_string("variants", "reference,modern", "Comma-separated "
+                      "subset of VARIANTS.", flag_values=fv)
+  flags.DEFINE_string("config_arg", "", "configs/digits_transformer.py "
+                      "argument ('test').", flag_values=fv)
+  flags.DEFINE_bool("skip_judge", False, "Do not train and run the digits "
+                    "judge.", flag_values=fv)
+  flags.mark_flags_as_required(["vqgan_workdir", "workdir"], flag_values=fv)
+  cli.parse(fv, argv, __doc__,
+            prog="python -m benchmarks.ablations.digits_transformer_options")
+  args = types.SimpleNamespace(**fv.flag_values_dict())
+  try:
+    args.guidance_scales = [float(v) for v in fv.guidance_scales]
+  except ValueError:
+    cli.fail(f"--guidance_scales={','.join(fv.guidance_scales)}; expected "
+             "numbers like 1.5,3")
   names = [n for n in args.variants.split(",") if n]
   bad = sorted(set(names) - set(VARIANTS))
   if bad:
-    p.error(f"--variants: unknown {bad}; valid: {sorted(VARIANTS)}")
-  if args.steps < 1:
-    p.error(f"--steps={args.steps} must be >= 1")
+    cli.fail(f"--variants: unknown {bad}; valid: {sorted(VARIANTS)}")
   os.makedirs(args.workdir, exist_ok=True)
   rows = []
   judge = None if args.skip_judge else _Judge(args.seed)

@@ -1,7 +1,7 @@
 """Stage-2 training step: variants timed in one process, and a kernel profile.
 
-    python3 -m benchmarks.probes.gpu_stage2_probe                  # GPU sizes
-    python3 -m benchmarks.probes.gpu_stage2_probe --tiny           # e.g. on CPU
+    python3 -m benchmarks.probes.gpu_stage2_probe         # GPU sizes
+    python3 -m benchmarks.probes.gpu_stage2_probe --tiny  # e.g. on CPU
 
 Times our bfloat16 training step (the trainer's `make_train_step`, donated
 state, as in `python -m benchmarks --only=train_transformer`) for several
@@ -21,7 +21,6 @@ parameters through XLA took most of a minute on the H200.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
@@ -31,6 +30,10 @@ import re
 import statistics
 import tempfile
 import time
+
+from absl import flags
+
+from vqgan_jax import cli
 
 VARIANTS = {
     # name: (gpt options, batch multiplier[, patch while tracing])
@@ -170,18 +173,26 @@ def kernel_profile(trace_dir: str, steps: int, top: int = 15,
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--tiny", action="store_true")
-  p.add_argument("--variants",
-                 default="base,autodiff_backward,gelu_tanh,xla_attention",
-                 help=f"comma-separated subset of {','.join(VARIANTS)}")
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--trace_steps", type=int, default=3)
-  p.add_argument("--out", default="", help="also append the output here")
-  p.add_argument("--hlo_out", default="",
-                 help="write the first variant's compiled HLO text here")
-  a = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_bool("tiny", False, "Tiny sizes (e.g. on a CPU) instead of "
+                    "the gpu preset's.", flag_values=fv)
+  flags.DEFINE_string("variants",
+                      "base,autodiff_backward,gelu_tanh,xla_attention",
+                      f"Comma-separated subset of {','.join(VARIANTS)}.",
+                      flag_values=fv)
+  flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "Timed steps per variant.",
+                       flag_values=fv)
+  flags.DEFINE_integer("trace_steps", 3, "Steps of the first variant traced "
+                       "for the kernel profile (0: none).", flag_values=fv)
+  flags.DEFINE_string("out", "", "Also append the output here.",
+                      flag_values=fv)
+  flags.DEFINE_string("hlo_out", "", "Write the first variant's compiled "
+                      "HLO text here.", flag_values=fv)
+  cli.parse(fv, argv, __doc__,
+            prog="python -m benchmarks.probes.gpu_stage2_probe")
+  a = fv
+  a = fv
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

@@ -14,7 +14,6 @@ d 128, batch 64 x 65 tokens, dropout on), on random codes.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
@@ -24,6 +23,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from absl import flags  # noqa: E402
+
+from vqgan_jax import cli  # noqa: E402
 from vqgan_jax.training import runtime  # noqa: E402  (stdlib only: no JAX backend yet)
 
 
@@ -33,14 +35,19 @@ def _resident_gib() -> float:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--mode", choices=runtime.HOST_MALLOC_MODES, default="keep")
-  p.add_argument("--workload", choices=("vqgan", "digits_gpt"),
-                 default="vqgan")
-  p.add_argument("--steps", type=int, default=12)
-  p.add_argument("--size", type=int, default=256)
-  p.add_argument("--small", action="store_true")
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("mode", "keep", list(runtime.HOST_MALLOC_MODES),
+                    "glibc malloc setting (runtime.keep_freed_host_memory).",
+                    flag_values=fv)
+  flags.DEFINE_enum("workload", "vqgan", ["vqgan", "digits_gpt"],
+                    "The training step to repeat.", flag_values=fv)
+  flags.DEFINE_integer("steps", 12, "Timed steps after a warm-up.",
+                       flag_values=fv)
+  flags.DEFINE_integer("size", 256, "vqgan: image size.", flag_values=fv)
+  flags.DEFINE_bool("small", False, "vqgan: a tiny trunk.", flag_values=fv)
+  cli.parse(fv, argv, __doc__, prog="python -m benchmarks.probes.host_malloc")
+  args = fv
+  args = fv
 
   applied = runtime.keep_freed_host_memory(args.mode)
   if args.workload == "digits_gpt":

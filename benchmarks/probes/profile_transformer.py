@@ -11,25 +11,32 @@ where wall-clock times are not comparable.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
 import sys
 import time
 
+from absl import flags
+
+from vqgan_jax import cli
+
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--threads", type=int, default=1)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--layers", type=int, default=12)
-  p.add_argument("--width", type=int, default=512)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--vocab", type=int, default=1024)
-  p.add_argument("--tokens", type=int, default=256)
-  p.add_argument("--batch", type=int, default=8)
-  a = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_integer("threads", 1, "torch threads; 1 also makes XLA "
+                       "single-threaded.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 3, "Timed calls per piece.", flag_values=fv)
+  flags.DEFINE_integer("layers", 12, "GPT layers.", flag_values=fv)
+  flags.DEFINE_integer("width", 512, "GPT width.", flag_values=fv)
+  flags.DEFINE_integer("heads", 8, "Attention heads.", flag_values=fv)
+  flags.DEFINE_integer("vocab", 1024, "Codebook size.", flag_values=fv)
+  flags.DEFINE_integer("tokens", 256, "Tokens per sequence.", flag_values=fv)
+  flags.DEFINE_integer("batch", 8, "Sequences per step.", flag_values=fv)
+  cli.parse(fv, argv, __doc__,
+            prog="python -m benchmarks.probes.profile_transformer")
+  a = fv
+  a = fv
   if a.threads == 1:  # must precede the first jax import
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false"

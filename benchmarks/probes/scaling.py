@@ -17,10 +17,12 @@ XLA overlaps the collectives and above by compute + comm.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
+from absl import flags
+
 from benchmarks import suite
+from vqgan_jax import cli
 from vqgan_jax.training.transformer_trainer import PEAK_TFLOPS
 
 # Effective per-device collective bandwidth (GB/s), approximate: H100 SXM
@@ -62,16 +64,20 @@ def project(recipe: Recipe, per_device_rate: float, n: int, comm_gbs: float,
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--stage1_images_per_s", type=float, required=True,
-                 help="one H100, stage-1 training, recipe batch")
-  p.add_argument("--stage1_params", type=float, default=74.9e6,
-                 help="generator 72.1M + discriminator 2.8M (f16 recipe)")
-  p.add_argument("--stage2_mfu", type=float, required=True,
-                 help="bfloat16 GPT training MFU measured on one H100")
-  p.add_argument("--label", default="measured",
-                 help="where the inputs came from (printed)")
-  args = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_float("stage1_images_per_s", None, "One H100, stage-1 "
+                     "training, recipe batch.", flag_values=fv)
+  flags.DEFINE_float("stage1_params", 74.9e6, "Generator 72.1M + "
+                     "discriminator 2.8M (f16 recipe).", flag_values=fv)
+  flags.DEFINE_float("stage2_mfu", None, "bfloat16 GPT training MFU "
+                     "measured on one H100.", flag_values=fv)
+  flags.DEFINE_string("label", "measured", "Where the inputs came from "
+                      "(printed).", flag_values=fv)
+  flags.mark_flags_as_required(["stage1_images_per_s", "stage2_mfu"],
+                               flag_values=fv)
+  cli.parse(fv, argv, __doc__, prog="python -m benchmarks.probes.scaling")
+  args = fv
+  args = fv
   s2 = stage2_recipe()
   s1 = Recipe("stage 1: f16 VQGAN 256x256 (LPIPS + PatchGAN)",
               args.stage1_params, 0.0, "images", 12, "data")

@@ -15,17 +15,26 @@ other.
 """
 from __future__ import annotations
 
-import argparse
 import time
+
+from absl import flags
+
+from vqgan_jax import cli
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="gpu", help="suite preset: gpu|cpu|tiny")
-  p.add_argument("--tiny", action="store_true", help="= --preset=tiny")
-  p.add_argument("--dtypes", default="bfloat16,float32")
-  p.add_argument("--variants", default="base,autodiff_backward")
-  a = p.parse_args(argv)
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("preset", "gpu", ["cpu", "gpu", "tiny"], "Suite preset "
+                    "whose stage-2 sizes to plan.", flag_values=fv)
+  flags.DEFINE_bool("tiny", False, "= --preset=tiny.", flag_values=fv)
+  flags.DEFINE_string("dtypes", "bfloat16,float32", "Comma-separated "
+                      "compute dtypes.", flag_values=fv)
+  flags.DEFINE_string("variants", "base,autodiff_backward", "Comma-separated "
+                      "gpu_stage2_probe.VARIANTS.", flag_values=fv)
+  cli.parse(fv, argv, __doc__,
+            prog="python -m benchmarks.probes.stage2_memory_plan")
+  a = fv
+  a = fv
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
