@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-import train_utils as tu
+from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import data as data_lib
 from vqgan_jax import vqgan as vqgan_lib
