@@ -17,7 +17,8 @@ def get_config(arg: str = ""):
   c.dataset = "digits"
   c.model.update(dict(
       ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-      resolution=16, z_channels=32, n_embed=64, embed_dim=32, legacy_loss=False))
+      resolution=16, z_channels=32, n_embed=64, embed_dim=32))
+  c.model.quantizer_options.vq.legacy_loss = False
   c.loss.update(dict(disc_start=800, disc_weight=0.1, perceptual_weight=0.0))
   c.disc.update(dict(n_layers=2, ndf=32))
   c.optim.update(dict(lr_scaling="none", learning_rate=2e-3, b1=0.5, b2=0.9))

@@ -294,10 +294,13 @@ def test_default_vqgan_keeps_the_reference_quantizer():
 
 
 @pytest.mark.parametrize("opts", [
-    dict(quantizer="fsq", fsq_levels=(4, 4, 4), n_embed=64),
-    dict(quantizer="lfq", n_embed=64, entropy_weight=0.1),
-    dict(codebook_dim=8, l2_codes=True, codebook_update="ema",
-         dead_code_threshold=0.5, quantizer_grad="rotation", n_embed=64),
+    dict(quantizer="fsq", quantizer_options=dict(levels=(4, 4, 4)),
+         n_embed=64),
+    dict(quantizer="lfq", n_embed=64,
+         quantizer_options=dict(entropy_weight=0.1)),
+    dict(quantizer_options=dict(codebook_dim=8, l2_codes=True,
+                                codebook_update="ema", dead_code_threshold=0.5,
+                                quantizer_grad="rotation"), n_embed=64),
 ])
 def test_option_models_encode_and_decode_indices_consistently(opts):
   model = vqgan_lib.VQGAN(ch=32, ch_mult=(1, 2), num_res_blocks=1,
@@ -319,12 +322,23 @@ def test_option_models_encode_and_decode_indices_consistently(opts):
 
 
 @pytest.mark.parametrize("opts, message", [
-    (dict(quantizer="fsq", fsq_levels=(4, 4), n_embed=64), "fsq_levels"),
+    (dict(quantizer="fsq", quantizer_options=dict(fsq=dict(levels=(4, 4))),
+          n_embed=64), r"quantizer_options\.fsq\.levels"),
     (dict(quantizer="lfq", n_embed=48), "power of two"),
-    (dict(quantizer="gumbel", l2_codes=True), "l2_codes"),
-    (dict(quantizer="fsq", n_embed=500, codebook_update="ema"), "codebook_update"),
-    (dict(quantizer_grad="straight"), "quantizer_grad"),
-    (dict(codebook_update="kmeans"), "codebook_update"),
+    (dict(quantizer="gumbel", quantizer_options=dict(gumbel=dict(
+        l2_codes=True))), r"quantizer_options\.gumbel\.l2_codes"),
+    (dict(quantizer="fsq", n_embed=500, quantizer_options=dict(fsq=dict(
+        codebook_update="ema"))), "codebook_update"),
+    (dict(quantizer_options=dict(vq=dict(quantizer_grad="straight"))),
+     "quantizer_grad"),
+    (dict(quantizer_options=dict(vq=dict(codebook_update="kmeans"))),
+     "codebook_update"),
+    # A quantizer option set where it sat before it moved names its place.
+    (dict(codebook_update="ema"),
+     r"config\.model\.codebook_update is now "
+     r"config\.model\.quantizer_options\.vq\.codebook_update"),
+    (dict(quantizer="fsq", fsq_levels=(4, 4, 4)),
+     r"quantizer_options\.fsq\.levels"),
 ])
 def test_bad_quantizer_options_are_named(opts, message):
   c = tu.load_config("digits_vqgan", "test")
@@ -343,9 +357,10 @@ import jax, numpy as np, optax
 from vqgan_jax_testing import train_utils as tu
 from vqgan_jax.training import sharding, vqgan_trainer as vt
 c = tu.load_config("digits_vqgan", "test")
-c.model.update(dict(codebook_update="ema", codebook_dim=4, l2_codes=True,
-                    dead_code_threshold=12.0, codebook_ema_decay=0.5,
-                    entropy_weight=0.05, entropy_temperature=1.0))
+c.model.quantizer_options.vq.update(dict(
+    codebook_update="ema", codebook_dim=4, l2_codes=True,
+    dead_code_threshold=12.0, codebook_ema_decay=0.5, entropy_weight=0.05,
+    entropy_temperature=1.0))
 # (At temperature 0.01 the entropy term is stiff enough that SGD amplifies
 # float round-off between the two meshes to ~1e-2 within three steps; one
 # step still agrees to 1e-6.)

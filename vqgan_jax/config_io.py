@@ -9,8 +9,18 @@ import jax.numpy as jnp
 _DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
+def _jsonable(v):
+  """Tuples as lists and mappings (e.g. FrozenDict) as dicts, recursively."""
+  if isinstance(v, (tuple, list)):
+    return [_jsonable(x) for x in v]
+  if hasattr(v, "items"):
+    return {k: _jsonable(x) for k, x in v.items()}
+  return v
+
+
 def to_config(module) -> Dict[str, Any]:
-  """The dataclass fields of a Flax module, dtypes as names, tuples as lists."""
+  """The dataclass fields of a Flax module, dtypes as names, tuples as lists,
+  mappings as dicts."""
   out = {}
   for f in dataclasses.fields(module):
     if f.name in ("parent", "name"):
@@ -18,8 +28,8 @@ def to_config(module) -> Dict[str, Any]:
     v = getattr(module, f.name)
     if f.name in _DTYPE_FIELDS:
       v = jnp.dtype(v).name
-    elif isinstance(v, tuple):
-      v = list(v)
+    else:
+      v = _jsonable(v)
     out[f.name] = v
   return out
 

@@ -94,8 +94,8 @@ def vqgan_from_reference(model_cfg: Mapping[str, Any], *,
       raise ConversionError(
           f"GumbelVQ needs embed_dim == z_channels, got {embed_dim} and "
           f"{dd['z_channels']}")
-    extra = dict(kl_weight=params.get("kl_weight", 1e-8),
-                 gumbel_noisy_inference=noisy_gumbel)
+    extra = dict(quantizer_options=dict(
+        kl_weight=params.get("kl_weight", 1e-8), noisy_inference=noisy_gumbel))
   return vqgan_lib.VQGAN(
       ch=dd["ch"], out_ch=dd["out_ch"], ch_mult=tuple(dd["ch_mult"]),
       num_res_blocks=dd["num_res_blocks"],

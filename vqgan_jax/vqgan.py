@@ -10,12 +10,12 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax.core import FrozenDict
 
 from vqgan_jax import config_io
 from vqgan_jax import modules
@@ -23,68 +23,31 @@ from vqgan_jax import quantizers
 
 Dtype = Any
 
-QUANTIZERS = ("vq", "gumbel", "fsq", "lfq")
-
-# Quantizer options beyond the reference and their defaults, which
-# keep the reference's VectorQuantizer (same parameters, same outputs).
-QUANTIZER_OPTION_DEFAULTS = dict(
-    codebook_dim=0, l2_codes=False, codebook_update="loss",
-    codebook_ema_decay=0.99, codebook_ema_eps=1e-5, dead_code_threshold=0.0,
-    entropy_weight=0.0, entropy_temperature=0.01, quantizer_grad="ste")
-
-
 def check_quantizer_options(cfg) -> None:
-  """Raises a ValueError naming the field and a fix for an impossible
-  quantizer choice; ``cfg`` is a model config mapping or a :class:`VQGAN`."""
+  """The config check of the quantizer: raises a one-line ValueError naming
+  the field and a fix for an unknown ``quantizer``, an option its family
+  does not declare, an impossible value (the family's own check), or a
+  quantizer option set as a model field (its place is
+  ``config.model.quantizer_options.FAMILY``).
+
+  Args:
+    cfg: a model config mapping (``config.model``) or a :class:`VQGAN`.
+  """
   get = (lambda k, d=None: cfg.get(k, d)) if hasattr(cfg, "get") else (
       lambda k, d=None: getattr(cfg, k, d))
-  kind, n = get("quantizer"), get("n_embed")
-  if kind not in QUANTIZERS:
-    raise ValueError(f"config.model.quantizer={kind!r}; valid: {QUANTIZERS}")
-  grad = get("quantizer_grad", "ste")
-  if grad not in quantizers.GRADIENT_ESTIMATORS:
-    raise ValueError(f"config.model.quantizer_grad={grad!r}; valid: "
-                     f"{quantizers.GRADIENT_ESTIMATORS}")
-  update = get("codebook_update", "loss")
-  if update not in quantizers.CODEBOOK_UPDATES:
-    raise ValueError(f"config.model.codebook_update={update!r}; valid: "
-                     f"{quantizers.CODEBOOK_UPDATES}")
-  if kind == "gumbel":
-    changed = sorted(k for k, d in QUANTIZER_OPTION_DEFAULTS.items()
-                     if get(k, d) != d)
-    if changed:
-      raise ValueError(f"config.model.{changed[0]} is an option of the 'vq', "
-                       "'fsq' and 'lfq' quantizers, not 'gumbel'; reset "
-                       f"{changed} or choose another quantizer")
-  if kind in ("fsq", "lfq"):
-    vq_only = [k for k in ("codebook_dim", "l2_codes", "codebook_update",
-                           "dead_code_threshold")
-               if get(k, QUANTIZER_OPTION_DEFAULTS[k])
-               != QUANTIZER_OPTION_DEFAULTS[k]]
-    if vq_only:
-      raise ValueError(f"config.model.{vq_only[0]} applies to quantizer='vq' "
-                       f"only; unset it for quantizer={kind!r}")
-  if kind == "fsq":
-    levels = list(get("fsq_levels", ()))
-    if not levels or int(np.prod(levels)) != n:
-      raise ValueError(
-          f"config.model.fsq_levels={levels} give {int(np.prod(levels or [0]))}"
-          f" codes but config.model.n_embed={n}; set n_embed to the product "
-          "of the levels")
-  if kind == "lfq" and (n < 2 or n & (n - 1)):
-    raise ValueError(f"config.model.n_embed={n} is not a power of two, as "
-                     "lookup-free quantisation needs (n_embed = 2**bits)")
-  if get("entropy_weight", 0.0) < 0 or get("entropy_temperature", 0.01) <= 0:
+  kind = get("quantizer")
+  flat = quantizers.flat_fields()
+  moved = sorted(k for k in (cfg.keys() if hasattr(cfg, "keys") else ())
+                 if k in flat)
+  if moved:
+    k = moved[0]
+    family = kind if kind in flat[k] else next(iter(flat[k]))
     raise ValueError(
-        f"config.model.entropy_weight={get('entropy_weight')} / "
-        f"entropy_temperature={get('entropy_temperature')}: need a weight "
-        ">= 0 (0 = off) and a temperature > 0")
-  if get("dead_code_threshold", 0.0) < 0:
-    raise ValueError(f"config.model.dead_code_threshold="
-                     f"{get('dead_code_threshold')} must be >= 0 (0 = off)")
-  if update == "ema" and not 0 < get("codebook_ema_decay", 0.99) < 1:
-    raise ValueError("config.model.codebook_ema_decay="
-                     f"{get('codebook_ema_decay')} must lie in (0, 1)")
+        f"config.model.{k} is now {quantizers.options_path(family)}."
+        f"{flat[k][family]}; set it there")
+  options = get("quantizer_options")
+  quantizers.check(kind, options.to_dict() if hasattr(options, "to_dict")
+                   else options or {}, get("n_embed"))
 
 
 class VQGAN(nn.Module):
@@ -96,27 +59,13 @@ class VQGAN(nn.Module):
   of the parameters; quantizer distances and losses are float32 always.
 
   Attributes:
-    quantizer: ``'vq'`` (VectorQuantizer2 of the reference) or ``'gumbel'``.
-    beta: VQ loss balance.
-    legacy_loss: the reference's released VQ loss weighting (beta on the
-      codebook term); ``False`` for the corrected form.
-    kl_weight: Gumbel KL-to-uniform weight.
-    temperature: Gumbel softmax temperature (training).
-    gumbel_noisy_inference: reproduce the reference's noisy Gumbel encoding at
-      inference (random indices) instead of the argmax of the logits.
-    codebook_dim: 'vq' only; > 0 looks codes up in a learned projection of
-      this many channels (factorised codes, see
-      :class:`quantizers.FactorizedQuantizer`).
-    l2_codes: 'vq' only; l2-normalise latents and codes before the lookup.
-    codebook_update: 'vq' only; ``'loss'`` (the reference) or ``'ema'``
-      (EMA codebook, commitment loss only; state in ``'quantizer_stats'``).
-    codebook_ema_decay, codebook_ema_eps: EMA decay and Laplace smoothing.
-    dead_code_threshold: EMA count under which a code is restarted from an
-      encoder output of the batch (``'ema'`` only; 0 = off).
-    entropy_weight, entropy_temperature: weight and softmax temperature of the
-      entropy penalty on the code distribution (0 = off).
-    fsq_levels: levels of ``quantizer='fsq'`` (``prod == n_embed``).
-    quantizer_grad: ``'ste'`` (straight-through) or ``'rotation'``.
+    quantizer: the quantizer family, a name of ``quantizers.REGISTRY``:
+      ``'vq'`` (VectorQuantizer2 of the reference), ``'gumbel'`` (GumbelVQ),
+      ``'fsq'`` or ``'lfq'``.
+    quantizer_options: that family's options (``quantizers.vq.OPTIONS`` and
+      so on; missing ones take their defaults, which are the reference's).
+      Also accepted: the config's form ``{family: options}``, of which the
+      chosen family's are kept. Stored as a hashable FrozenDict.
   """
   ch: int = 128
   out_ch: int = 3
@@ -130,28 +79,17 @@ class VQGAN(nn.Module):
   n_embed: int = 1024
   embed_dim: int = 256
   quantizer: str = "vq"
-  beta: float = 0.25
-  legacy_loss: bool = True
-  kl_weight: float = 1e-8
-  temperature: float = 1.0
-  gumbel_noisy_inference: bool = False
-  codebook_dim: int = 0
-  l2_codes: bool = False
-  codebook_update: str = "loss"
-  codebook_ema_decay: float = 0.99
-  codebook_ema_eps: float = 1e-5
-  dead_code_threshold: float = 0.0
-  entropy_weight: float = 0.0
-  entropy_temperature: float = 0.01
-  fsq_levels: Sequence[int] = (8, 5, 5, 5)
-  quantizer_grad: str = "ste"
+  quantizer_options: Mapping[str, Any] = FrozenDict()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    # A hashable, complete copy of the options (Flax hashes module fields).
+    object.__setattr__(self, "quantizer_options", quantizers.resolve(
+        self.quantizer, self.quantizer_options))
+    super().__post_init__()
+
   def setup(self):
-    if self.quantizer not in QUANTIZERS:
-      raise ValueError(f"VQGAN.quantizer={self.quantizer!r}; valid: {QUANTIZERS}")
-    check_quantizer_options(self)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     trunk = dict(ch=self.ch, ch_mult=tuple(self.ch_mult),
                  num_res_blocks=self.num_res_blocks,
@@ -162,42 +100,9 @@ class VQGAN(nn.Module):
     self.decoder = modules.Decoder(out_ch=self.out_ch, **trunk)
     self.quant_conv = modules._FlatConv(self.embed_dim, 1, padding=0, **kw)
     self.post_quant_conv = modules._FlatConv(self.z_channels, 1, padding=0, **kw)
-    if self.quantizer == "vq" and self._reference_vq:
-      self.quantize = quantizers.VectorQuantizer(
-          self.n_embed, self.embed_dim, beta=self.beta,
-          legacy=self.legacy_loss, param_dtype=self.param_dtype)
-    elif self.quantizer == "vq":
-      self.quantize = quantizers.FactorizedQuantizer(
-          self.n_embed, self.embed_dim, code_dim=self.codebook_dim,
-          l2=self.l2_codes, update=self.codebook_update, beta=self.beta,
-          legacy=self.legacy_loss, ema_decay=self.codebook_ema_decay,
-          ema_eps=self.codebook_ema_eps,
-          dead_threshold=self.dead_code_threshold,
-          entropy_weight=self.entropy_weight,
-          entropy_temperature=self.entropy_temperature,
-          gradient=self.quantizer_grad, param_dtype=self.param_dtype)
-    elif self.quantizer == "fsq":
-      self.quantize = quantizers.FSQuantizer(
-          tuple(self.fsq_levels), self.embed_dim,
-          entropy_weight=self.entropy_weight,
-          entropy_temperature=self.entropy_temperature,
-          gradient=self.quantizer_grad, param_dtype=self.param_dtype)
-    elif self.quantizer == "lfq":
-      self.quantize = quantizers.LookupFreeQuantizer(
-          self.n_embed.bit_length() - 1, self.embed_dim, beta=self.beta,
-          entropy_weight=self.entropy_weight,
-          entropy_temperature=self.entropy_temperature,
-          gradient=self.quantizer_grad, param_dtype=self.param_dtype)
-    else:
-      self.quantize = quantizers.GumbelQuantizer(
-          self.n_embed, self.embed_dim, kl_weight=self.kl_weight,
-          temperature=self.temperature,
-          noisy_inference=self.gumbel_noisy_inference, **kw)
-
-  @property
-  def _reference_vq(self) -> bool:
-    return all(getattr(self, k) == d
-               for k, d in QUANTIZER_OPTION_DEFAULTS.items())
+    self.quantize = quantizers.build(self.quantizer, self.n_embed,
+                                     self.embed_dim, self.quantizer_options,
+                                     **kw)
 
   @property
   def downsample_factor(self) -> int:
@@ -222,10 +127,7 @@ class VQGAN(nn.Module):
   def encode(self, images, train: bool = False):
     """Images -> ``(z_q, aux)``; ``z_q`` float32 with straight-through grads."""
     h = self.encode_to_prequant(images, train=train)
-    if self.quantizer == "vq" and self._reference_vq:
-      z_q, q_loss, indices = self.quantize(h)
-    else:
-      z_q, q_loss, indices = self.quantize(h, train=train)
+    z_q, q_loss, indices = self.quantize(h, train=train)
     return z_q, {"indices": indices, "q_loss": q_loss, "z_q": z_q}
 
   def decode(self, z_q, train: bool = False):
@@ -263,8 +165,11 @@ def model_config(model: VQGAN) -> Dict[str, Any]:
 
 
 def from_config(config: Dict[str, Any], **overrides) -> VQGAN:
-  """Builds a VQGAN from :func:`model_config`'s output."""
-  return config_io.from_config(VQGAN, config, **overrides)
+  """Builds a VQGAN from :func:`model_config`'s output, also that of a
+  ``model.json`` written before the quantizer options were grouped in
+  ``quantizer_options`` (see :func:`quantizers.from_flat`)."""
+  return config_io.from_config(VQGAN, quantizers.from_flat(config),
+                               **overrides)
 
 
 def init_variables(model: VQGAN, rng, image_shape: Optional[Tuple[int, ...]] = None):

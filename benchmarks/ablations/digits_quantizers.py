@@ -36,21 +36,28 @@ def fsq_levels_for(n_embed: int) -> tuple:
   return (4,) * (bits // 2) + ((2,) if bits % 2 else ())
 
 
+def _quantizer(kind: str, **opts) -> Dict[str, Any]:
+  """``config.model`` overrides choosing family ``kind`` with ``opts``."""
+  return dict(quantizer=kind, quantizer_options={kind: opts})
+
+
 def options(n_embed: int) -> Dict[str, Dict[str, Any]]:
   """``config.model`` overrides of each compared quantizer."""
   l2 = dict(codebook_dim=8, l2_codes=True)
   return {
       "reference": {},
-      "l2_factorised": l2,
-      "ema_restart": dict(codebook_update="ema", codebook_ema_decay=0.99,
-                          dead_code_threshold=1.0),
-      "l2_ema_restart": dict(l2, codebook_update="ema",
-                             codebook_ema_decay=0.99, dead_code_threshold=1.0),
-      "entropy": dict(l2, entropy_weight=0.1, entropy_temperature=0.01),
-      "rotation": dict(quantizer_grad="rotation"),
-      "fsq": dict(quantizer="fsq", fsq_levels=fsq_levels_for(n_embed)),
-      "lfq": dict(quantizer="lfq", entropy_weight=0.1,
-                  entropy_temperature=0.01),
+      "l2_factorised": _quantizer("vq", **l2),
+      "ema_restart": _quantizer("vq", codebook_update="ema",
+                                codebook_ema_decay=0.99,
+                                dead_code_threshold=1.0),
+      "l2_ema_restart": _quantizer("vq", **l2, codebook_update="ema",
+                                   codebook_ema_decay=0.99,
+                                   dead_code_threshold=1.0),
+      "entropy": _quantizer("vq", **l2, entropy_weight=0.1,
+                            entropy_temperature=0.01),
+      "rotation": _quantizer("vq", quantizer_grad="rotation"),
+      "fsq": _quantizer("fsq", levels=fsq_levels_for(n_embed)),
+      "lfq": _quantizer("lfq", entropy_weight=0.1, entropy_temperature=0.01),
   }
 
 

@@ -78,18 +78,18 @@ VQGAN_ARCH = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
 
 def _model_defaults() -> ml_collections.ConfigDict:
   """The reference's ImageNet f16 VQGAN at 256x256."""
+  from vqgan_jax import quantizers  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
       ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
       attn_resolutions=(16,), dropout=0.0, in_channels=3, resolution=256,
-      z_channels=256, n_embed=1024, embed_dim=256, quantizer="vq", beta=0.25,
-      legacy_loss=True, kl_weight=1e-8, temperature=1.0,
-      # Quantizer options beyond the reference (defaults = the reference's
-      # VectorQuantizer); see vqgan_jax/vqgan.py and quantizers.py.
-      # quantizer: 'vq' | 'gumbel' | 'fsq' (fsq_levels) | 'lfq' (2**bits codes)
-      codebook_dim=0, l2_codes=False, codebook_update="loss",
-      codebook_ema_decay=0.99, codebook_ema_eps=1e-5, dead_code_threshold=0.0,
-      entropy_weight=0.0, entropy_temperature=0.01, fsq_levels=(8, 5, 5, 5),
-      quantizer_grad="ste",
+      z_channels=256, n_embed=1024, embed_dim=256,
+      # 'vq' | 'gumbel' | 'fsq' (n_embed = prod of its levels) | 'lfq'
+      # (n_embed = 2**bits): a family of vqgan_jax.quantizers.REGISTRY.
+      quantizer="vq",
+      # Each family's options under its name, e.g.
+      # --config.model.quantizer_options.vq.codebook_update=ema; the defaults
+      # (vqgan_jax/quantizers/<family>.py OPTIONS) are the reference's.
+      quantizer_options=quantizers.config_defaults(),
       dtype="float32", param_dtype="float32"))
 
 

@@ -342,7 +342,8 @@ def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
   state = dict(state, params=params)
   if "quantizer_stats" in state:  # EMA statistics follow the loaded codes
     state["quantizer_stats"] = quantizers.ema_stats_from_params(
-        params, state["quantizer_stats"], model.l2_codes)
+        params, state["quantizer_stats"],
+        model.quantizer_options.get("l2_codes", False))
   if "discriminator" in extras:
     dv = dict(extras["discriminator"])
     dp = dv.pop("params")
