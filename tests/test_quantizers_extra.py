@@ -349,6 +349,82 @@ def test_bad_quantizer_options_are_named(opts, message):
 
 
 # ----------------------------------------------------------------------------
+# The registry of families and the model.json of older runs
+
+
+def test_registry_declares_each_family_once_and_the_config_holds_its_options():
+  from vqgan_jax.training import schema
+  assert q.names() == ("vq", "gumbel", "fsq", "lfq")
+  model_cfg = schema.vqgan_config().model
+  assert model_cfg.quantizer_options.to_dict() == q.config_defaults()
+  for name, spec in q.REGISTRY.items():
+    assert spec.name == name
+    hash(tuple(spec.options.items()))  # hashable defaults (module fields)
+    n = 1000 if name == "fsq" else 1024  # prod of fsq's default levels
+    spec.check(q.resolve(name, {}), n, q.options_path(name))
+    # Building the model from the config form keeps only this family's
+    # options, all of them, and the model round-trips through its config.
+    model = vqgan_lib.VQGAN(quantizer=name, n_embed=n,
+                            quantizer_options=q.config_defaults())
+    assert dict(model.quantizer_options) == dict(spec.options)
+    assert vqgan_lib.from_config(vqgan_lib.model_config(model)) == model
+    hash(model)
+
+
+def _old_model_json(**quantizer_fields):
+  """The model config of a model.json written when the quantizer options
+  were flat VQGAN fields (every one of them present, as to_config wrote)."""
+  cfg = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1,
+             attn_resolutions=[], dropout=0.0, in_channels=3, resolution=16,
+             z_channels=32, n_embed=64, embed_dim=8, quantizer="vq", beta=0.25,
+             legacy_loss=True, kl_weight=1e-8, temperature=1.0,
+             gumbel_noisy_inference=False, codebook_dim=0, l2_codes=False,
+             codebook_update="loss", codebook_ema_decay=0.99,
+             codebook_ema_eps=1e-5, dead_code_threshold=0.0,
+             entropy_weight=0.0, entropy_temperature=0.01,
+             fsq_levels=[8, 5, 5, 5], quantizer_grad="ste", dtype="float32",
+             param_dtype="float32")
+  cfg.update(quantizer_fields)
+  return cfg
+
+
+@pytest.mark.parametrize("fields, options", [
+    (dict(legacy_loss=False, codebook_update="ema", l2_codes=True,
+          codebook_dim=4, fsq_levels=[4, 4, 4]),
+     dict(q.vq.OPTIONS, legacy_loss=False, codebook_update="ema",
+          l2_codes=True, codebook_dim=4)),
+    (dict(quantizer="fsq", fsq_levels=[4, 4, 4], legacy_loss=False,
+          quantizer_grad="rotation"),
+     dict(q.fsq.OPTIONS, levels=(4, 4, 4), quantizer_grad="rotation")),
+    (dict(quantizer="gumbel", embed_dim=32, kl_weight=1e-3,
+          gumbel_noisy_inference=True),
+     dict(kl_weight=1e-3, temperature=1.0, noisy_inference=True)),
+])
+def test_flat_old_style_model_json_loads_into_quantizer_options(
+    tmp_path, fields, options):
+  from vqgan_jax import checkpoint as ckpt_lib
+  cfg = _old_model_json(**fields)
+  built = vqgan_lib.from_config(cfg)
+  variables = jax.jit(lambda r: vqgan_lib.init_variables(built, r))(
+      jax.random.PRNGKey(0))
+  ckpt_lib.save_pretrained(str(tmp_path), "vqgan", cfg,
+                           {"params": variables["params"]}, {})
+  assert "fsq_levels" in json.load(open(tmp_path / "model.json"))["config"]
+  model, loaded = ckpt_lib.load_vqgan(str(tmp_path))
+  assert model.quantizer == cfg["quantizer"]
+  assert dict(model.quantizer_options) == options
+  assert model == built
+  # The parameter tree is the one the model builds.
+  assert jax.tree.structure(loaded["params"]) == jax.tree.structure(
+      variables["params"])
+  # The new model.json has the options grouped, and reads back the same.
+  new = vqgan_lib.model_config(model)
+  assert "codebook_update" not in new and new["quantizer_options"] == {
+      k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+  assert vqgan_lib.from_config(new) == model
+
+
+# ----------------------------------------------------------------------------
 # Replica agreement of the EMA codebook under 8 simulated devices
 
 REPLICAS = r"""

@@ -40,6 +40,21 @@ from vqgan_jax.quantizers.vq import (
     CODEBOOK_UPDATES, FactorizedQuantizer, VectorQuantizer, ema_codebook_update,
     ema_stats_from_params, vector_quantize, vq_loss, with_ema_codebooks)
 
+__all__ = [
+    "QuantizerSpec", "REGISTRY", "names", "options_path", "config_defaults",
+    "resolve", "check", "build", "flat_fields", "from_flat",
+    "GRADIENT_ESTIMATORS", "CODEBOOK_UPDATES", "squared_distances",
+    "nearest_code", "lookup_codes", "straight_through", "rotation_trick",
+    "gradient_estimator", "l2_normalize", "entropy_penalty", "codebook_logits",
+    "codebook_histogram", "codebook_usage", "perplexity", "vq_loss",
+    "vector_quantize", "VectorQuantizer", "FactorizedQuantizer",
+    "ema_codebook_update", "with_ema_codebooks", "ema_stats_from_params",
+    "gumbel_quantize", "GumbelQuantizer", "fsq_bound", "round_ste",
+    "fsq_codes_to_indices", "fsq_indices_to_codes", "fsq_quantize",
+    "FSQuantizer", "lfq_indices_to_codes", "lfq_codebook", "lfq_quantize",
+    "LookupFreeQuantizer",
+]
+
 REGISTRY: Dict[str, QuantizerSpec] = {
     s.name: s for s in (vq.SPEC, gumbel.SPEC, fsq.SPEC, lfq.SPEC)}
 """Family name (``VQGAN.quantizer``) -> its spec."""
