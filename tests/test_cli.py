@@ -74,6 +74,22 @@ def test_script_help_lists_its_flags_and_exits_0(name):
      "error: flag --seed=x: "),
     (["-m", "vqgan_jax.convert", "--no_such_flag=1"],
      "error: Unknown command line flag 'no_such_flag'"),
+    # ml_collections overrides: a misspelt field, a quantizer option under
+    # its former flat name, a missing config file, a bad config argument.
+    (["train_vqgan.py", "--config=configs/digits_vqgan.py:test", "--workdir=w",
+      "--config.batch_sise=8"],
+     "error: --config.batch_sise: the config has no field 'batch_sise'; "
+     "Did you mean \"batch_size\""),
+    (["train_vqgan.py", "--config=configs/digits_vqgan.py:test", "--workdir=w",
+      "--config.model.fsq_levels=8,8"],
+     "error: --config.model.fsq_levels: the config has no field 'fsq_levels';"
+     " quantizer options moved: set "
+     "config.model.quantizer_options.fsq.levels"),
+    (["train_transformer.py", "--config=configs/no_such_file.py",
+      "--workdir=w"], "error: --config: cannot load the config file"),
+    (["train_vqgan.py", "--config=configs/digits_vqgan.py:bogus",
+      "--workdir=w"], "error: flag --config=configs/digits_vqgan.py:bogus: "
+     "Error whilst parsing config file: ValueError: unknown config argument"),
 ])
 def test_script_mistakes_exit_2_with_one_error_line(cmd, message):
   r = tu.run_python(cmd, check=False, timeout=120)

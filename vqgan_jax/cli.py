@@ -67,15 +67,50 @@ def help_text(doc: str, fv: flags.FlagValues = flags.FLAGS) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _unknown_field(argv: Sequence[str], error: Exception,
+                   field_hint: Optional[Callable[[str], Optional[str]]]
+                   ) -> str:
+  """One line for an ml_collections override that names no config field.
+
+  ml_collections reports ``--config.model.chh=3`` as a KeyError or
+  AttributeError whose text is the missing key, sometimes followed by a
+  "Did you mean" suggestion.
+  """
+  text = str(error.args[0] if error.args else error)
+  text = text.encode().decode("unicode_escape").strip("'\"")
+  key, _, suggestion = text.partition("\n")
+  key = key.strip("'\"")
+  flag = next((a.split("=", 1)[0] for a in argv
+               if a.startswith("--config.") and
+               key in a.split("=", 1)[0].split(".")), "--config")
+  message = f"{flag}: the config has no field {key!r}"
+  hint = field_hint(key) if field_hint else None
+  if hint:
+    message += f"; {hint}"
+  elif suggestion:
+    message += f"; {suggestion.strip()}"
+  return message
+
+
 def _parse_into(fv: flags.FlagValues, argv: List[str], doc: str,
-                extra_help=()) -> List[str]:
+                extra_help=(),
+                field_hint: Optional[Callable[[str], Optional[str]]] = None
+                ) -> List[str]:
   if _wants_help(argv[1:], extra_help):
     sys.stdout.write(help_text(doc, fv))
     sys.exit(0)
   try:
     return fv(argv)
   except flags.Error as e:
-    fail(e)
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+      # A config file's get_config raised: keep the flag and the last line.
+      head = text.split("Traceback (most recent call last)")[0]
+      text = f"{head.rstrip()} {text.strip().splitlines()[-1]}"
+    fail(text)
+  except (AttributeError, KeyError) as e:
+    # An ml_collections override (--config.FIELD=VALUE) of a missing field.
+    fail(_unknown_field(argv, e, field_hint))
 
 
 def parse(fv: flags.FlagValues, argv: Optional[Sequence[str]], doc: str,
@@ -90,11 +125,14 @@ def parse(fv: flags.FlagValues, argv: Optional[Sequence[str]], doc: str,
   return rest
 
 
-def run(main: Callable[[List[str]], object], doc: str) -> None:
+def run(main: Callable[[List[str]], object], doc: str,
+        field_hint: Optional[Callable[[str], Optional[str]]] = None) -> None:
   """``app.run(main)`` with this module's ``--help`` and one-line errors.
 
   ``main`` receives the remaining arguments (the program name first); a
   :class:`UsageError` or ``app.UsageError`` from it exits 2 with one line.
+  ``field_hint(name)`` may explain an unknown ``--config`` field (e.g. where
+  a renamed field went); ``None`` from it keeps ml_collections' suggestion.
   """
 
   def guarded(argv):
@@ -103,5 +141,5 @@ def run(main: Callable[[List[str]], object], doc: str) -> None:
     except (UsageError, app.UsageError) as e:
       fail(e)
 
-  app.run(guarded, flags_parser=lambda argv: _parse_into(flags.FLAGS, argv,
-                                                         doc))
+  app.run(guarded, flags_parser=lambda argv: _parse_into(
+      flags.FLAGS, argv, doc, field_hint=field_hint))

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Optional
 
 from absl import flags
 from ml_collections import config_flags
@@ -62,9 +63,10 @@ def run(trainer_module: str) -> None:
     runtime.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
         auto=FLAGS.distributed_auto)
+    config = _loaded_config()
     trainer = importlib.import_module(trainer_module)
     try:
-      last = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      last = trainer.train_and_evaluate(config, FLAGS.workdir)
     except (schema.ConfigError, FileNotFoundError) as e:
       # A bad config, path or dataset, or a workdir of another architecture
       # (checkpoints.CheckpointMismatchError): one line, no traceback.
@@ -77,4 +79,28 @@ def run(trainer_module: str) -> None:
                         if isinstance(v, float))
     print(f"done: {FLAGS.workdir} ({summary})")
 
-  cli.run(main, sys.modules["__main__"].__doc__)
+  cli.run(main, sys.modules["__main__"].__doc__, field_hint=_moved_field)
+
+
+def _loaded_config():
+  """``FLAGS.config``, or one error line when its file could not be loaded
+  (ml_collections defers that error to the first use of the config)."""
+  config = FLAGS.config
+  try:
+    config.to_dict()
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    cli.fail(f"--config: cannot load the config file ({reason}); pass "
+             "--config=configs/FILE.py[:ARG]")
+  return config
+
+
+def _moved_field(name: str) -> Optional[str]:
+  """Where a model field that held a quantizer option now lives."""
+  from vqgan_jax import quantizers  # pylint: disable=g-import-not-at-top
+  families = quantizers.flat_fields().get(name)
+  if not families:
+    return None
+  where = " or ".join(f"{quantizers.options_path(kind)}.{option}"
+                      for kind, option in sorted(families.items()))
+  return f"quantizer options moved: set {where}"
