@@ -18,7 +18,8 @@ import sys
 from absl import flags
 
 from vqgan_jax import cli
-from vqgan_jax.training import runtime  # stdlib only: no JAX backend yet
+from vqgan_jax.backends import compilation_cache  # stdlib only: no JAX backend yet
+from vqgan_jax.backends import host_memory
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -38,7 +39,7 @@ flags.DEFINE_string("cond_images", None, "Folder of conditioning images ('codes'
 flags.DEFINE_bool("npz", False, "Also write samples.npz (uint8 images, tokens, labels).")
 flags.DEFINE_string("compilation_cache_dir", None,
                     "Keep compiled programs here across runs (JAX's persistent cache).")
-flags.DEFINE_enum("host_malloc", "default", list(runtime.HOST_MALLOC_MODES),
+flags.DEFINE_enum("host_malloc", "default", list(host_memory.HOST_MALLOC_MODES),
                   "keep: glibc malloc reuses freed memory instead of unmapping it "
                   "(on CPU: no page faults per call; resident memory never "
                   "shrinks and can grow with fragmentation).")
@@ -48,9 +49,9 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   from vqgan_jax import sample_lib
-  runtime.keep_freed_host_memory(FLAGS.host_malloc)
+  host_memory.keep_freed_host_memory(FLAGS.host_malloc)
   try:
-    runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    compilation_cache.enable_compilation_cache(FLAGS.compilation_cache_dir)
   except ValueError as e:
     cli.fail(e)
   grid = None

@@ -21,7 +21,7 @@ Every section is independent: an error prints and the rest still run. Each
 section's table prints as soon as it finishes.
 
 ``--malloc=keep`` lets glibc's malloc keep freed memory for reuse
-(`vqgan_jax.training.runtime.keep_freed_host_memory`, what the scripts'
+(`vqgan_jax.backends.host_memory.keep_freed_host_memory`, what the scripts'
 ``--host_malloc=keep`` does), in this process, so for both implementations
 alike. With glibc's defaults the reference's sampler, whose key/value past
 grows by `torch.cat` every step, spends a third of its CPU time in page
@@ -45,7 +45,7 @@ import jax  # noqa: E402
 from benchmarks import suite  # noqa: E402
 from benchmarks import table  # noqa: E402
 from vqgan_jax import cli  # noqa: E402
-from vqgan_jax.training import runtime  # noqa: E402
+from vqgan_jax.backends import host_memory  # noqa: E402
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -69,9 +69,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_multi_string("set", [], "SECTION.KEY=VALUE: override a size, "
                             "e.g. --set=train_vqgan.size=128.",
                             flag_values=fv)
-  flags.DEFINE_enum("malloc", "default", list(runtime.HOST_MALLOC_MODES),
+  flags.DEFINE_enum("malloc", "default", list(host_memory.HOST_MALLOC_MODES),
                     "keep: glibc malloc keeps freed memory for reuse "
-                    "(runtime.keep_freed_host_memory; both implementations).",
+                    "(host_memory.keep_freed_host_memory; both implementations).",
                     flag_values=fv)
   flags.DEFINE_string("out", "", "Also write the table here (markdown).",
                       flag_values=fv)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     raise cli.UsageError("--merge needs the --json files to merge")
   kept = False
   if fv.malloc == "keep" and not fv.merge:  # before JAX starts a backend
-    kept = runtime.keep_freed_host_memory("keep")
+    kept = host_memory.keep_freed_host_memory("keep")
   if fv.merge:
     rows, notes, machines, cmds = [], [], [], []
     for path in merge:

@@ -12,8 +12,9 @@ a float64 two-pass group norm (also far from zero mean, where a one-pass
 variance loses digits) and `nn.GroupNorm` on ordinary inputs, alone and
 followed by swish, whose backward pass keeps only its input and statistics
 (a ResnetBlock keeps 4 full-size tensors, not 10); `conv2d`'s
-row-block kernel gradient (CPU) equals XLA's for 3x3, 1x1, strided and
-unevenly sized convolutions, in reverse and forward mode and under vmap.
+row-block kernel gradient (`xla_cpu.conv_rewrites`) equals XLA's for 3x3,
+1x1, strided and unevenly sized convolutions, in reverse and forward mode
+and under vmap.
 """
 import flax.linen as nn
 import jax
@@ -25,6 +26,7 @@ from vqgan_jax_testing import oracle
 from vqgan_jax_testing import reference_ckpt as rc
 from vqgan_jax import convert
 from vqgan_jax import modules
+from vqgan_jax.backends import xla_cpu
 
 F16_SMALL = dict(ch=32, out_ch=3, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1,
                  attn_resolutions=[16], dropout=0.0, in_channels=3,
@@ -134,6 +136,14 @@ def test_state_dict_round_trip_is_exact(tmp_path, torch):
     np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
+@pytest.fixture(params=[False, True], ids=["xla_grads", "cpu_rewrites"])
+def conv_rewrites(request):
+  """Runs the test with `xla_cpu.conv_rewrites` off, then on."""
+  with xla_cpu.conv_rewrites(request.param):
+    yield request.param
+
+
+@pytest.mark.usefixtures("conv_rewrites")
 def test_upsample_conv_equals_nearest_upsampling_then_conv():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 5, 7, 8)), jnp.float32)  # odd, non-square
@@ -162,8 +172,9 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv():
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf, np.float32), direct(x, kernel, bias),
                              atol=0.05 * float(jnp.max(jnp.abs(ours))))
-  # bfloat16 compute: the kernel gradient (on CPU by row blocks of the phase
-  # form) stays within bfloat16 rounding of the float32 direct form's.
+  # bfloat16 compute: the kernel gradient (with the CPU rewrites by row
+  # blocks of the phase form) stays within bfloat16 rounding of the float32
+  # direct form's.
   bf_grad = jax.grad(lambda k: jnp.sum(jnp.sin(modules.upsample_conv(
       x, k, bias, dtype=jnp.bfloat16).astype(jnp.float32))))(kernel)
   assert bf_grad.dtype == jnp.float32
@@ -257,7 +268,13 @@ def test_conv2d_row_block_kernel_gradient_equals_xla(shape, ksize, strides, padd
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((ksize, ksize, shape[-1], 6)) * 0.2, jnp.float32)
-  assert modules._row_block_kernel_grad_pays(x.shape, kernel.shape, strides)
+  assert not xla_cpu.row_block_kernel_grad_pays(x.shape, kernel.shape, strides)
+  with xla_cpu.conv_rewrites():
+    _check_row_block_kernel_gradient(x, kernel, strides, padding)
+
+
+def _check_row_block_kernel_gradient(x, kernel, strides, padding):
+  assert xla_cpu.row_block_kernel_grad_pays(x.shape, kernel.shape, strides)
   pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
   plain = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (strides, strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))

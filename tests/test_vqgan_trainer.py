@@ -411,8 +411,8 @@ def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
 _FAULTS_SCRIPT = r"""
 import resource, sys
 import jax, jax.numpy as jnp
-from vqgan_jax.training import runtime
-print(runtime.keep_freed_host_memory(sys.argv[1]))
+from vqgan_jax.backends import host_memory
+print(host_memory.keep_freed_host_memory(sys.argv[1]))
 # Two 64 MiB scans are temporaries of the call (~260 MB of pages).
 f = jax.jit(lambda a: jnp.sum(jnp.cumsum(jnp.cumsum(a, 0), 1) * a[::-1]))
 a = jnp.ones((4096, 4096), jnp.float32)
@@ -431,11 +431,11 @@ def test_keep_freed_host_memory_ends_xla_cpu_page_faults_per_call():
   calls in which the heap grows: see its docstring). Without glibc it is a
   no-op that says so."""
   import platform
-  from vqgan_jax.training import runtime
+  from vqgan_jax.backends import host_memory
   with pytest.raises(ValueError, match="--host_malloc='on'.*default, keep"):
-    runtime.keep_freed_host_memory("on")
+    host_memory.keep_freed_host_memory("on")
   if platform.libc_ver()[0] != "glibc":
-    assert runtime.keep_freed_host_memory("keep") is False
+    assert host_memory.keep_freed_host_memory("keep") is False
     return
   faults = {}
   for mode in ("default", "keep"):

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from vqgan_jax.backends import xla_cpu
+
 Dtype = Any
 
 
@@ -51,19 +53,16 @@ class GroupNorm(nn.Module):
   Statistics are float32 and two-pass (the mean, then the mean squared
   deviation, as the reference's torch GroupNorm computes them). Both are
   reduced over height and width per channel first, with channels the
-  contiguous axis, and then over each group's channels: under XLA:CPU this
-  and its derivative run ~1.5x as fast as `nn.GroupNorm`'s reduction over a
-  (B, H, W, groups, C / groups) view (198 against 300 ms forward + backward
-  at 256 x 256 x 128, one thread).
+  contiguous axis, and then over each group's channels, which XLA:CPU runs
+  (with its derivative) faster than `nn.GroupNorm`'s reduction over a
+  (B, H, W, groups, C / groups) view.
 
   The normalisation (and the swish after it, with `swish=True`) runs under
   one `jax.checkpoint` that keeps only the input and the per-channel
-  statistics for the backward pass, which recomputes the rest: autodiff kept
-  ~3 float32 tensors of the input's size per norm, and a ResnetBlock kept 10
-  full-size tensors where it now keeps 4. XLA's plan for the stage-1
-  training step (`python -m benchmarks --only=train_vqgan --ref=none
-  --dtype=float32`, CPU) fell from 3.56 to 3.08 GiB; the step time did not
-  change (10.33 and 10.25 s).
+  statistics for the backward pass, which recomputes the rest: autodiff
+  would keep ~3 float32 tensors of the input's size per norm, and a
+  ResnetBlock keeps 4 full-size tensors instead of 10. BENCHMARKS.md has
+  the effect on the training step's memory plan.
   """
   num_groups: int = 32
   epsilon: float = 1e-6
@@ -214,19 +213,18 @@ def conv2d(x, kernel, bias=None, *, strides: int = 1, padding: Any = 1,
   """NHWC convolution with an HWIO kernel, as a pure function.
 
   Exposed so that a trainer can differentiate with respect to one kernel
-  (the decoder's ``conv_out``) in isolation. On CPU, large, 1x1 and
-  strided convolutions take their kernel gradient from the transpose of
-  `_conv_by_row_blocks`: the same values and derivatives in every mode
-  (and under vmap); only how the reverse-mode kernel gradient is computed
-  differs.
+  (the decoder's ``conv_out``) in isolation. Traced inside
+  `xla_cpu.conv_rewrites`, large, 1x1 and strided convolutions take their
+  kernel gradient by row blocks (see `vqgan_jax.backends.xla_cpu`): the
+  same values and derivatives, computed faster by XLA:CPU.
   """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
   padding = tuple(tuple(p) for p in padding)
   dtype = dtype or x.dtype
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if _row_block_kernel_grad_pays(x.shape, kernel.shape, strides):
-    y = _conv_row_block_kernel_grad(x, kernel, strides, padding)
+  if xla_cpu.row_block_kernel_grad_pays(x.shape, kernel.shape, strides):
+    y = xla_cpu.conv_row_block_kernel_grad(x, kernel, strides, padding)
   else:
     y = _lax_conv(x, kernel, strides, padding)
   if bias is not None:
@@ -234,90 +232,10 @@ def conv2d(x, kernel, bias=None, *, strides: int = 1, padding: Any = 1,
   return y
 
 
-# XLA:CPU computes a convolution's kernel gradient (the backward-filter
-# convolution) slowly for large images, 1x1 kernels and strides: for 128
-# channels, one thread, jax 0.10, a 3x3 conv over 2 x 256 x 256 takes 0.42 s
-# forward and 3.3-4.7 s for its kernel gradient (torch: ~1 s); a 1x1 conv
-# over 256 x 256, 63 ms and 306 ms; the encoder's stride-2 conv from
-# 256 x 256, 58 ms and 171 ms. There the transpose of `_conv_by_row_blocks`
-# takes 0.30-0.34 s (at 1 x 256 x 256), 34 ms and 95 ms. For 3x3 stride-1
-# convs below ~32k output positions XLA's own is faster (80 against 109 ms
-# at 1 x 128 x 128).
-ROW_BLOCK_MIN_POSITIONS = {"kxk_stride1": 32768, "1x1_or_strided": 8192}
-_ROW_BLOCK_POSITIONS = 1024  # output positions per block of rows
-
-
-def _row_block_kernel_grad_pays(x_shape, kernel_shape, strides) -> bool:
-  """Whether `conv2d` takes its kernel gradient by row blocks (CPU only)."""
-  if jax.default_backend() != "cpu":
-    return False
-  positions = x_shape[0] * x_shape[1] * x_shape[2] // strides**2
-  plain = kernel_shape[0] > 1 and strides == 1
-  return positions >= ROW_BLOCK_MIN_POSITIONS[
-      "kxk_stride1" if plain else "1x1_or_strided"]
-
-
 def _lax_conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(
       x, kernel, (strides, strides), padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _conv_by_row_blocks(x, kernel, strides, padding):
-  """`_lax_conv` computed one block of ~1,000 output positions at a time
-  (`lax.map` over blocks of output rows): each block's input windows laid
-  side by side (an im2col) times the flattened kernel.
-
-  It is linear in the kernel, and its transpose with respect to the kernel,
-  which JAX derives (the map reversed, each block's im2col transposed times
-  the block's cotangent, accumulated in float32), is the fast kernel
-  gradient on CPU. The block recomputes its im2col in the backward pass
-  (`jax.checkpoint`) instead of keeping 9x the input alive.
-  """
-  kh, kw, ci, co = kernel.shape
-  b, h, w, _ = x.shape
-  (top, bottom), (left, right) = padding
-  ho = (h + top + bottom - kh) // strides + 1
-  wo = (w + left + right - kw) // strides + 1
-  rows = max(1, min(ho, _ROW_BLOCK_POSITIONS // (b * wo)))
-  blocks = -(-ho // rows)
-  extra = blocks * rows - ho  # zero rows past the end, cut off below
-  xp = jnp.pad(x, ((0, 0), (top, bottom + extra * strides), (left, right),
-                   (0, 0)))
-  span = (rows - 1) * strides + kh
-  flat_kernel = kernel.reshape(kh * kw * ci, co)
-
-  @jax.checkpoint
-  def block(flat_kernel, xp, r):
-    xs = jax.lax.dynamic_slice_in_dim(xp, r * rows * strides, span, axis=1)
-    cols = jnp.concatenate([
-        jax.lax.slice(xs, (0, i, j, 0),
-                      (b, i + (rows - 1) * strides + 1,
-                       j + (wo - 1) * strides + 1, ci),
-                      (1, strides, strides, 1))
-        for i in range(kh) for j in range(kw)], axis=-1)
-    y = jnp.dot(cols.reshape(-1, kh * kw * ci), flat_kernel,
-                preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(b, rows, wo, co)
-
-  ys = jax.lax.map(lambda r: block(flat_kernel, xp, r), jnp.arange(blocks))
-  return ys.transpose(1, 0, 2, 3, 4).reshape(b, blocks * rows, wo, co)[:, :ho]
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _conv_row_block_kernel_grad(x, kernel, strides, padding):
-  """`_lax_conv`; its kernel tangent goes through `_conv_by_row_blocks`,
-  whose transpose is the reverse-mode kernel gradient."""
-  return _lax_conv(x, kernel, strides, padding)
-
-
-@_conv_row_block_kernel_grad.defjvp
-def _conv_row_block_kernel_grad_jvp(strides, padding, primals, tangents):
-  x, kernel = primals
-  dx, dkernel = tangents
-  return (_lax_conv(x, kernel, strides, padding),
-          _lax_conv(dx, kernel, strides, padding) +
-          _conv_by_row_blocks(x, dkernel, strides, padding))
 
 
 def _nearest_x2(x):
@@ -365,18 +283,16 @@ def _upsample_conv_by_phases(x, kernel):
 def _upsample_conv_jvp(primals, tangents):
   # Linear in the tangents; what matters is how the transpose (the reverse
   # mode) is computed. The input tangent goes through the direct form, whose
-  # transpose is the ordinary convolution backward pass (XLA:CPU's backward
-  # pass of the phase form's 2x2 conv is slower from 64 x 64 inputs up). The
-  # kernel tangent goes through the phase form: on CPU by row blocks, whose
-  # transpose is 1.1x (16 x 16 x 512) to 7.6x (128 x 128 x 128) faster than
-  # XLA's backward-filter conv of the direct form (XLA's of the phase form
-  # is 10-100x slower still); elsewhere through the direct form.
+  # transpose is the ordinary convolution backward pass (faster than that of
+  # the phase form's 2x2 conv). The kernel tangent goes through the direct
+  # form too, or, inside `xla_cpu.conv_rewrites`, through the phase form by
+  # row blocks, whose transpose XLA:CPU computes faster still.
   x, kernel = primals
   dx, dkernel = tangents
   _, h, w, _ = x.shape
   tangent = conv2d(_nearest_x2(dx), kernel, dtype=x.dtype)
-  if jax.default_backend() == "cpu":
-    tangent = tangent + _interleave_phases(_conv_by_row_blocks(
+  if xla_cpu.enabled():
+    tangent = tangent + _interleave_phases(xla_cpu.conv_by_row_blocks(
         x, _phase_kernels(dkernel).astype(x.dtype), 1, ((1, 1), (1, 1))),
                                            h, w, kernel.shape[-1])
   else:

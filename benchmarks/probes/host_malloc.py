@@ -1,5 +1,5 @@
 """One of our training steps, step after step, with glibc's malloc as it
-comes or keeping freed memory (`runtime.keep_freed_host_memory`): wall
+comes or keeping freed memory (`host_memory.keep_freed_host_memory`): wall
 time, minor page faults and resident memory per step. One setting per
 process (it must be set before JAX starts); launch from the repository root:
 
@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # noqa: E402
 
 from vqgan_jax import cli  # noqa: E402
-from vqgan_jax.training import runtime  # noqa: E402  (stdlib only: no JAX backend yet)
+from vqgan_jax.backends import host_memory  # noqa: E402  (stdlib only: no JAX backend yet)
 
 
 def _resident_gib() -> float:
@@ -36,8 +36,8 @@ def _resident_gib() -> float:
 
 def main(argv=None) -> dict:
   fv = flags.FlagValues()
-  flags.DEFINE_enum("mode", "keep", list(runtime.HOST_MALLOC_MODES),
-                    "glibc malloc setting (runtime.keep_freed_host_memory).",
+  flags.DEFINE_enum("mode", "keep", list(host_memory.HOST_MALLOC_MODES),
+                    "glibc malloc setting (host_memory.keep_freed_host_memory).",
                     flag_values=fv)
   flags.DEFINE_enum("workload", "vqgan", ["vqgan", "digits_gpt"],
                     "The training step to repeat.", flag_values=fv)
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
   args = fv
   args = fv
 
-  applied = runtime.keep_freed_host_memory(args.mode)
+  applied = host_memory.keep_freed_host_memory(args.mode)
   if args.workload == "digits_gpt":
     step, what = _digits_gpt_step(), "digits GPT step (main job's stage 2)"
   else:

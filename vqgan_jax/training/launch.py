@@ -20,7 +20,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from vqgan_jax import cli
-from vqgan_jax.training import runtime  # stdlib only: no JAX backend yet
+from vqgan_jax.backends import compilation_cache  # stdlib only: no JAX backend yet
+from vqgan_jax.backends import host_memory
+from vqgan_jax.training import runtime
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -38,7 +40,7 @@ flags.DEFINE_string("compilation_cache_dir", None,
                     "Keep compiled programs here across runs, so a resumed "
                     "or restarted run skips compiling (JAX's persistent "
                     "cache; JAX_COMPILATION_CACHE_DIR works too).")
-flags.DEFINE_enum("host_malloc", "default", list(runtime.HOST_MALLOC_MODES),
+flags.DEFINE_enum("host_malloc", "default", list(host_memory.HOST_MALLOC_MODES),
                   "keep: glibc malloc reuses freed memory instead of "
                   "unmapping it: on CPU it saves XLA's page faults on every "
                   "step, but resident memory never shrinks and can grow with "
@@ -54,9 +56,9 @@ def run(trainer_module: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
     from vqgan_jax.training import schema  # pylint: disable=g-import-not-at-top
-    runtime.keep_freed_host_memory(FLAGS.host_malloc)
+    host_memory.keep_freed_host_memory(FLAGS.host_malloc)
     try:
-      runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
+      compilation_cache.enable_compilation_cache(FLAGS.compilation_cache_dir)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(schema.EXIT_CONFIG)

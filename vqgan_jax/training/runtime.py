@@ -1,98 +1,15 @@
-"""Process-level concerns: multi-host start-up, SIGTERM, NaN guards, seeds."""
+"""Training-process concerns: multi-host start-up, SIGTERM, coordinated
+stops, and compiling the initialiser.
+
+Settings that inference shares (the host allocator, the compilation cache)
+live in `vqgan_jax.backends`."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import platform
 import signal
 import threading
 from typing import Any, Callable, Optional
-
-
-def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
-  """Keeps compiled programs in `path` across runs (JAX's persistent cache).
-
-  A restarted or resumed run then loads its initialiser, step and sampler
-  instead of compiling them again (the digits VQGAN run for 2 steps on a
-  2-core CPU: 23.2 s cold, 8.6 s from the cache). None or '' leaves JAX's
-  setting alone (JAX itself reads ``JAX_COMPILATION_CACHE_DIR``). Must run
-  before the first compilation.
-
-  Returns:
-    The absolute cache directory, or None.
-
-  Raises:
-    ValueError: `path` exists and is not a directory, or cannot be created.
-  """
-  if not path:
-    return None
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"--compilation_cache_dir={path} is a file; pass a "
-                     "directory (it is created if missing)")
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"--compilation_cache_dir={path}: cannot create it "
-                     f"({e.strerror}); pass a writable directory") from e
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir", path)
-  return path
-
-
-# mallopt(3) parameters, from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-HOST_MALLOC_MODES = ("default", "keep")
-
-
-def keep_freed_host_memory(mode: str = "keep") -> bool:
-  """Lets glibc's malloc reuse freed host memory instead of unmapping it.
-
-  XLA:CPU allocates each call's temporaries afresh; glibc serves a block
-  that large with a new mapping and unmaps it on free, so the kernel
-  faults in and zeroes every page again on every call. The 256x256 VQGAN's
-  training step (3.5 GiB of temporaries) took ~790,000 page faults and
-  3-8 s of system time per step on this project's 2-core CPU: 11.7-13.5 s
-  per step, and 8.9-11.5 s with no faults once this was applied; the main
-  job's stage-2 step (374 MB), 0.34 -> 0.25-0.31 s. It sets `mallopt` so
-  that all threads share one arena (M_ARENA_MAX=1), nothing is served by
-  its own mapping (M_MMAP_MAX=0) and the heap is never trimmed
-  (M_TRIM_THRESHOLD=-1): freed memory stays with the process. All three
-  are needed: XLA's worker threads otherwise allocate from their own
-  arenas, whose heaps glibc maps and unmaps by itself (without the one
-  arena, the other two changed nothing measurable).
-
-  The cost is resident memory: it never falls back from its peak, and the
-  one heap fragments. A loop of calls with ~260 MB of temporaries grew the
-  process by 130-1,100 MB over its first 15 calls, in jumps, before the
-  faults stopped; a 600-step digits stage-2 run peaked at 2.39 GiB instead
-  of 1.25 GiB. So it is opt-in (``--host_malloc=keep`` on the training
-  and sampling scripts, ``--malloc=keep`` on the benchmarks), for CPU runs;
-  on accelerators XLA's temporaries are device memory and it buys nothing.
-
-  Must run before JAX starts a backend (its threads pick their arena on
-  their first allocation).
-
-  Args:
-    mode: 'keep' applies it; 'default' leaves malloc alone.
-
-  Returns:
-    Whether it was applied (never where the C library is not glibc).
-
-  Raises:
-    ValueError: an unknown mode.
-  """
-  if mode not in HOST_MALLOC_MODES:
-    raise ValueError(f"--host_malloc={mode!r}: valid: "
-                     f"{', '.join(HOST_MALLOC_MODES)}")
-  if mode == "default":
-    return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  libc = ctypes.CDLL(None)
-  return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
 def gpu_kernel_threefry(init_fn: Callable[..., Any],
@@ -100,12 +17,12 @@ def gpu_kernel_threefry(init_fn: Callable[..., Any],
   """`init_fn` compiled with threefry as one GPU kernel per draw on GPUs.
 
   XLA otherwise inlines the threefry hash into every parameter's
-  initialiser: the 256x256 VQGAN's jitted initialiser compiled for ~75 s on
-  an H200, the 336M GPT's for most of a minute. With
-  ``jax_threefry_gpu_kernel_lowering`` each draw is one custom kernel; the
-  random bits are the same, so is the state. Elsewhere (and if XLA refuses
-  the kernel) `init_fn` runs as it is. The flag is set only around this
-  call: the training steps' dropout keeps XLA's fused threefry.
+  initialiser, and a large model's jitted initialiser then compiles for a
+  minute or more on a GPU. With ``jax_threefry_gpu_kernel_lowering`` each
+  draw is one custom kernel; the random bits are the same, so is the state.
+  Elsewhere (and if XLA refuses the kernel) `init_fn` runs as it is. The
+  flag is set only around this call: the training steps' dropout keeps
+  XLA's fused threefry.
   """
   import jax  # pylint: disable=g-import-not-at-top
 

@@ -29,6 +29,7 @@ from vqgan_jax import losses
 from vqgan_jax import modules
 from vqgan_jax import quantizers
 from vqgan_jax import vqgan as vqgan_lib
+from vqgan_jax.backends import xla_cpu
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import digest
 from vqgan_jax.training import loop
@@ -443,11 +444,16 @@ def create(config, mesh, extras: Optional[Dict[str, Any]] = None,
   repl = shard_lib.replicated(mesh)
   lpips_model, lpips_vars = load_perceptual(config, extras or {})
   lpips_vars = jax.device_put(lpips_vars, repl) if lpips_vars else {}
+  # XLA:CPU's convolution kernel gradients, rewritten (traced inside).
+  cpu_rewrites = jax.default_backend() == "cpu"
   step_fn = jax.jit(
-      make_train_step(model, disc, tx_g, tx_d, config, lpips_model),
+      xla_cpu.with_conv_rewrites(
+          make_train_step(model, disc, tx_g, tx_d, config, lpips_model),
+          cpu_rewrites),
       in_shardings=(state_sh, {"image": batch_sh}, repl),
       out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(model),
+  eval_fn = jax.jit(xla_cpu.with_conv_rewrites(make_eval_step(model),
+                                               cpu_rewrites),
                     in_shardings=(state_sh["params"], batch_sh),
                     out_shardings=batch_sh)
   return Setup(model, disc, mesh, abstract, state_sh, batch_sh,

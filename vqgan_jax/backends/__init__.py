@@ -1,0 +1,14 @@
+"""Backend-specific tuning, kept out of the model and the training code.
+
+Nothing here changes what is computed; each module changes how one backend
+computes it, and each is opt-in, switched on by the programs that want it:
+
+  * `xla_cpu`: convolution kernel gradients that XLA:CPU computes slowly,
+    rewritten as row-block matrix products (`xla_cpu.conv_rewrites()`).
+  * `host_memory`: glibc `mallopt` settings that keep freed host memory for
+    reuse, so that XLA:CPU's large per-call temporaries stop page-faulting.
+  * `compilation_cache`: JAX's persistent compilation cache.
+
+`host_memory` and `compilation_cache` import only the standard library
+(JAX on demand), so a program can apply them before JAX starts a backend.
+"""
