@@ -5,6 +5,10 @@ is the reference's ``down[i].block[j]``) so that conversion is a rename.
 Parameters are initialised as PyTorch initialises its convolutions
 (uniform(+-1/sqrt(fan_in)) for kernels and biases), so training from
 scratch starts from the same distribution as the reference.
+
+Every convolution goes through `conv2d` (or `upsample_conv`, the decoder's
+nearest x2 + 3x3 conv); programs that opt in to XLA:CPU's faster kernel
+gradients (`vqgan_jax.backends.xla_cpu`) get them there.
 """
 from __future__ import annotations
 
