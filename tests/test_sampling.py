@@ -21,6 +21,7 @@ import pytest
 from vqgan_jax_testing import oracle
 from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import sampling
+from vqgan_jax import sliding_window
 
 CONFIG = dict(vocab_size=23, block_size=24, n_layer=2, n_head=2, n_embd=16)
 SIGNIFICANCE = 1e-3  # chi-square tests reject fits with p-value below this
@@ -307,27 +308,30 @@ def test_gpu_command_buffers_are_a_compile_option_with_a_fallback(
   decoding loop); the option is per compile, a value XLA rejects falls back
   to a plain compile once and for all, and the tokens are the same."""
   _, model, variables = models
-  assert sampling._command_buffer_types("cpu") is None
-  assert sampling._command_buffer_types("gpu") == sampling.GPU_COMMAND_BUFFERS
+  jits = sampling._SamplerJits()  # its own memory of rejected types
+  assert jits.types("cpu") is None
+  assert jits.types("gpu") == sampling.GPU_COMMAND_BUFFERS
   assert "WHILE" in sampling.GPU_COMMAND_BUFFERS
   monkeypatch.setattr(sampling, "GPU_COMMAND_BUFFERS", ())
-  assert sampling._command_buffer_types("gpu") is None
+  assert jits.types("gpu") is None
   args = (model, variables, _prefix(batch=2), jax.random.key(3),
           jnp.float32(1.0), jnp.int32(5), jnp.float32(1.0), None, None)
   kw = dict(num_tokens=6, greedy=False, use_top_k=True, use_top_p=False,
             num_segments=2)
-  plain = sampling._run_sampler(None, *args, **kw)
+  plain = jits(None, *args, **kw)
   # XLA:CPU parses the GPU option (and ignores it): the same program.
-  graphs = sampling._run_sampler(("FUSION", "WHILE"), *args, **kw)
+  graphs = jits(("FUSION", "WHILE"), *args, **kw)
   np.testing.assert_array_equal(graphs, plain)
-  monkeypatch.setattr(sampling, "_REJECTED_COMMAND_BUFFERS", set())
   monkeypatch.setattr(sampling, "GPU_COMMAND_BUFFERS", ("FUSION", "BOGUS"))
-  bad = sampling._command_buffer_types("gpu")
+  bad = jits.types("gpu")
   with caplog.at_level("WARNING"):
-    np.testing.assert_array_equal(sampling._run_sampler(bad, *args, **kw),
-                                  plain)
+    np.testing.assert_array_equal(jits(bad, *args, **kw), plain)
   assert "XLA rejected command buffers FUSION,BOGUS" in caplog.text
-  assert sampling._command_buffer_types("gpu") is None  # not tried again
+  assert jits.types("gpu") is None  # not tried again
+  assert jits.rejected == {("FUSION", "BOGUS")}
+  # The state is the object's: `sample`'s own and a new one are untouched.
+  assert sampling._SamplerJits().types("gpu") == ("FUSION", "BOGUS")
+  assert not sampling._SAMPLER_JITS.rejected
 
 
 # ----------------------------------------------------------------------------
@@ -390,8 +394,8 @@ def test_window_position_equals_reference_rule():
     for size in (window, window + 1, window + 7, 2 * window, 3 * window + 5):
       for i in range(size):
         expected = _reference_rule(i, size, window)
-        assert sampling.window_position(i, size, window) == expected
-        traced = jax.jit(sampling.window_position, static_argnums=(1, 2))(
+        assert sliding_window.window_position(i, size, window) == expected
+        traced = jax.jit(sliding_window.window_position, static_argnums=(1, 2))(
             jnp.int32(i), size, window)
         assert tuple(int(v) for v in traced) == expected
         start, local = expected
@@ -415,13 +419,13 @@ def window_model():
 def test_sliding_window_large_grid(window_model):
   model, variables = window_model
   cond = np.array([[7]], np.int32)
-  grid = sampling.sample_sliding_window(model, variables, cond, (32, 48),
+  grid = sliding_window.sample_sliding_window(model, variables, cond, (32, 48),
                                         (16, 16), jax.random.key(0), top_k=5)
   assert grid.dtype == jnp.int32 and grid.shape == (1, 32, 48)
   assert int(grid.min()) >= 0 and int(grid.max()) < 11
   assert len(np.unique(np.asarray(grid))) > 3
 
-  greedy = np.asarray(sampling.sample_sliding_window(
+  greedy = np.asarray(sliding_window.sample_sliding_window(
       model, variables, cond, (32, 48), (16, 16), None, greedy=True))
   # Recompute some targets by hand: crop the window the reference rule
   # places, run the model on [cond | window], argmax at the local position.
@@ -437,7 +441,7 @@ def test_sliding_window_large_grid(window_model):
 def test_sliding_window_equals_sample_when_grid_fits(window_model):
   model, variables = window_model
   cond = np.array([[2], [9]], np.int32)
-  grid = sampling.sample_sliding_window(model, variables, cond, (16, 16),
+  grid = sliding_window.sample_sliding_window(model, variables, cond, (16, 16),
                                         (16, 16), None, greedy=True)
   flat = sampling.sample(model, variables, cond, 256, None, greedy=True)
   np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), flat)
@@ -452,7 +456,7 @@ def test_sliding_window_spatial_conditioning_no_recompile():
   variables = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape)
                                         for k, x in zip(keys, leaves)])
   cond = np.random.RandomState(0).randint(0, 7, (1, 6, 9)).astype(np.int32)
-  grid = np.asarray(sampling.sample_sliding_window(
+  grid = np.asarray(sliding_window.sample_sliding_window(
       model, variables, cond, (6, 9), (4, 4), None, greedy=True))
   for i, j in [(0, 0), (2, 4), (5, 8), (3, 1)]:
     top, li = _reference_rule(i, 6, 4)
@@ -461,10 +465,10 @@ def test_sliding_window_spatial_conditioning_no_recompile():
     seq = np.concatenate([crop(cond), crop(grid)], axis=1)[:, :-1]
     logits = np.asarray(model.apply(variables, seq))
     assert grid[0, i, j] == np.argmax(logits[0, 15 + li * 4 + lj]), (i, j)
-  sampling.sample_sliding_window(model, variables, cond, (6, 9), (4, 4),
+  sliding_window.sample_sliding_window(model, variables, cond, (6, 9), (4, 4),
                                  jax.random.key(0), top_k=3, top_p=0.9)
-  before = sampling._sliding_jit._cache_size()
-  sampling.sample_sliding_window(model, variables, cond, (6, 9), (4, 4),
+  before = sliding_window._sliding_jit._cache_size()
+  sliding_window.sample_sliding_window(model, variables, cond, (6, 9), (4, 4),
                                  jax.random.key(1), top_k=5, top_p=0.5,
                                  temperature=0.5)
-  assert sampling._sliding_jit._cache_size() == before
+  assert sliding_window._sliding_jit._cache_size() == before

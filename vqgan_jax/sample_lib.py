@@ -19,6 +19,7 @@ import numpy as np
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import conditioning as cond_lib
 from vqgan_jax import sampling
+from vqgan_jax import sliding_window
 from vqgan_jax.training import metrics as metrics_lib
 
 
@@ -187,7 +188,7 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
       p = np.concatenate([p, np.repeat(p[-1:], batch_size - n, 0)])
     rng, key = jax.random.split(rng)
     if big:
-      toks = sampling.sample_sliding_window(
+      toks = sliding_window.sample_sliding_window(
           model, variables, jnp.asarray(p), tuple(grid), (h, w), key,
           temperature=temperature, top_k=top_k, top_p=top_p)
       gh, gw = grid

@@ -13,8 +13,8 @@ Layers of the API:
     segments decode one token per step over a preallocated key/value cache.
     Each segment's cache buffer only reaches the last position that segment
     writes, so attention never reads far past the filled prefix.
-  * `sample_sliding_window`: token grids larger than the training window,
-    with the reference's window placement rule (`window_position`).
+
+Token grids larger than the training window: `vqgan_jax.sliding_window`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vqgan_jax import gpt as gpt_lib
 
@@ -55,13 +54,11 @@ def top_k_mask(logits: Array, top_k: Array | int, *,
   sort). Each round counts, for every value of the next digit at once, the
   logits at or above the candidate threshold: 32 / bits_per_round dependent
   reductions per call, each over 2**bits_per_round x V comparisons. The
-  result is exact for every setting; only the cost differs. On CPU one bit
-  per round is fastest (16 x 1024 logits: 0.15 ms at one bit, 0.6 ms at
-  four; jax 0.10 on this project's 2-core machine).
-  On a GPU a decode step at small batch is bound by the number of dependent
+  result is exact for every setting; only the cost differs. On CPU the
+  comparisons dominate, so one bit per round is the default there. On a
+  GPU a decode step at small batch is bound by the number of dependent
   kernels rather than by these comparisons, so four bits per round (8
-  reductions instead of 32) is the default there (a choice by kernel
-  count, not yet timed on a GPU).
+  reductions instead of 32) is the default there.
 
   Args:
     logits: float32 (..., V).
@@ -276,9 +273,9 @@ def segment_plan(num_steps: int, num_segments: int, prefix_len: int,
 def default_num_segments(num_steps: int) -> int:
   """Segments used by `sample` when not given: up to 4, >= 32 steps each.
 
-  On CPU (8-layer d512 GPT, batch 8, 256 tokens) 4 segments decoded ~10%
-  faster than one scan; more segments were no faster but each adds a
-  compiled copy of the step.
+  A few segments decode faster than one scan (attention reads shorter
+  cache buffers); each segment adds a compiled copy of the step, so more
+  than 4 do not pay.
   """
   return max(1, min(4, num_steps // 32))
 
@@ -288,8 +285,8 @@ def default_num_segments(num_steps: int) -> int:
 # ----------------------------------------------------------------------------
 
 
-def _decoding_model(model: gpt_lib.GPT, variables: Any
-                    ) -> tuple[gpt_lib.GPT, Any]:
+def decoding_model(model: gpt_lib.GPT, variables: Any
+                   ) -> tuple[gpt_lib.GPT, Any]:
   """Unrolled-layer, no-remat inference copy of the model and variables."""
   if model.scan_layers:
     variables = dict(variables)
@@ -302,16 +299,14 @@ def _guided(cond: Array, uncond: Array, scale: Array) -> Array:
   return uncond + scale * (cond - uncond)
 
 
-# XLA command-buffer (CUDA graph) types `sample` compiles with on GPUs.
-# Recording the decoding loop (WHILE) and its conditionals as CUDA graphs
-# took 12-14% off a sampling call on an H200 (jax 0.11.2; the rest of the
-# list is XLA's default set). The option is passed to the sampler's compile
-# only, never through XLA_FLAGS (where a value XLA does not know aborts the
-# process): if XLA rejects a value, `sample` compiles without command
-# buffers and does not try again. Set to () to compile without them.
+# XLA command-buffer (CUDA graph) types `sample` compiles with on GPUs:
+# XLA's default set plus the decoding loop (WHILE) and its conditionals, so
+# that the whole loop is recorded as CUDA graphs (README "Speed" has the
+# effect). The option is passed to the sampler's compile only, never
+# through XLA_FLAGS (where a value XLA does not know aborts the process).
+# Set to () to compile without them.
 GPU_COMMAND_BUFFERS = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN",
                        "DYNAMIC_SLICE_FUSION", "CONDITIONAL", "WHILE")
-_REJECTED_COMMAND_BUFFERS: set = set()
 _SAMPLE_STATIC = ("model", "num_tokens", "greedy", "use_top_k", "use_top_p",
                   "num_segments")
 
@@ -320,7 +315,7 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
                  guidance_scale, null_prefix, *, num_tokens, greedy, use_top_k,
                  use_top_p, num_segments):
   """Jitted body of `sample` (see there)."""
-  model, variables = _decoding_model(model, variables)
+  model, variables = decoding_model(model, variables)
   batch, prefix_len = prefix.shape
   seg_steps, seg_lengths = segment_plan(num_tokens - 1, num_segments,
                                         prefix_len)
@@ -394,36 +389,50 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
 _sample_jit = jax.jit(_sample_body, static_argnames=_SAMPLE_STATIC)
 
 
-@functools.lru_cache(maxsize=None)
-def _sample_jit_with_command_buffers(types: tuple[str, ...]):
-  return jax.jit(_sample_body, static_argnames=_SAMPLE_STATIC,
-                 compiler_options={
-                     "xla_gpu_enable_command_buffer": ",".join(types)})
+class _SamplerJits:
+  """`_sample_body` compiled with or without command buffers.
+
+  Holds one jit per tuple of command-buffer types, and the tuples XLA
+  rejected: if XLA rejects a value, the call compiles without command
+  buffers, and this object does not try that tuple again. `sample` uses one
+  instance for the process (what this XLA accepts does not change while it
+  runs); another instance starts with no such memory.
+  """
+
+  def __init__(self):
+    self._jits: dict[tuple[str, ...], Callable[..., Array]] = {}
+    self.rejected: set[tuple[str, ...]] = set()
+
+  def types(self, backend: str | None = None) -> tuple[str, ...] | None:
+    """The command-buffer types to compile with (`GPU_COMMAND_BUFFERS` on
+    GPUs unless rejected), or None."""
+    types = tuple(GPU_COMMAND_BUFFERS)
+    backend = jax.default_backend() if backend is None else backend
+    if not types or backend != "gpu" or types in self.rejected:
+      return None
+    return types
+
+  def __call__(self, types: tuple[str, ...] | None, *args, **kwargs
+               ) -> Array:
+    """`_sample_jit`, compiled with command buffers `types` when given."""
+    if types is None:
+      return _sample_jit(*args, **kwargs)
+    if types not in self._jits:
+      self._jits[types] = jax.jit(
+          _sample_body, static_argnames=_SAMPLE_STATIC,
+          compiler_options={"xla_gpu_enable_command_buffer": ",".join(types)})
+    try:
+      return self._jits[types](*args, **kwargs)
+    except jax.errors.JaxRuntimeError as e:
+      if "xla_gpu_enable_command_buffer" not in str(e):
+        raise
+      self.rejected.add(types)
+      logging.warning("XLA rejected command buffers %s (%s); sampling "
+                      "without them", ",".join(types), str(e).splitlines()[0])
+      return _sample_jit(*args, **kwargs)
 
 
-def _command_buffer_types(backend: str | None = None
-                          ) -> tuple[str, ...] | None:
-  """The command-buffer types to compile `sample` with, or None."""
-  types = tuple(GPU_COMMAND_BUFFERS)
-  backend = jax.default_backend() if backend is None else backend
-  if not types or backend != "gpu" or types in _REJECTED_COMMAND_BUFFERS:
-    return None
-  return types
-
-
-def _run_sampler(types: tuple[str, ...] | None, *args, **kwargs) -> Array:
-  """`_sample_jit`, compiled with command buffers `types` when given."""
-  if types is None:
-    return _sample_jit(*args, **kwargs)
-  try:
-    return _sample_jit_with_command_buffers(types)(*args, **kwargs)
-  except jax.errors.JaxRuntimeError as e:
-    if "xla_gpu_enable_command_buffer" not in str(e):
-      raise
-    _REJECTED_COMMAND_BUFFERS.add(types)
-    logging.warning("XLA rejected command buffers %s (%s); sampling "
-                    "without them", ",".join(types), str(e).splitlines()[0])
-    return _sample_jit(*args, **kwargs)
+_SAMPLER_JITS = _SamplerJits()
 
 
 def _as_key(rng: Array) -> Array:
@@ -481,135 +490,11 @@ def sample(model: gpt_lib.GPT, variables: Any, prefix: Array, num_tokens: int,
     guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
   if num_segments is None:
     num_segments = default_num_segments(num_tokens - 1)
-  return _run_sampler(
-      _command_buffer_types(), model, variables, prefix, _as_key(rng),
+  return _SAMPLER_JITS(
+      _SAMPLER_JITS.types(), model, variables, prefix, _as_key(rng),
       jnp.asarray(temperature, jnp.float32),
       jnp.asarray(0 if top_k is None else top_k, jnp.int32),
       jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
       guidance_scale, null_prefix, num_tokens=int(num_tokens),
       greedy=bool(greedy), use_top_k=top_k is not None,
       use_top_p=top_p is not None, num_segments=int(num_segments))
-
-
-# ----------------------------------------------------------------------------
-# Sliding-window sampling of large token grids.
-# ----------------------------------------------------------------------------
-
-
-def window_position(i: Array | int, size: int, window: int
-                    ) -> tuple[Array | int, Array | int]:
-  """Where the window sits for target row (or column) i: the reference rule.
-
-  The target's local index inside the window is i while i <= window/2,
-  window - (size - i) once size - i < window/2, and window/2 in between.
-
-  Args:
-    i: target index along the axis (int or traced int).
-    size: grid size along the axis (>= window).
-    window: window size along the axis.
-
-  Returns:
-    (start, local): the window covers [start, start + window) and the
-    target sits at start + local.
-  """
-  half = window // 2
-  if isinstance(i, (int, np.integer)):
-    if i <= half:
-      local = i
-    elif size - i < half:
-      local = window - (size - i)
-    else:
-      local = half
-    return i - local, local
-  local = jnp.where(i <= half, i,
-                    jnp.where(size - i < half, window - (size - i), half))
-  return i - local, local
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "model", "grid_hw", "window_hw", "greedy", "use_top_k", "use_top_p"))
-def _sliding_jit(model, variables, cond, rng, temperature, top_k, top_p, *,
-                 grid_hw, window_hw, greedy, use_top_k, use_top_p):
-  """Jitted body of `sample_sliding_window` (see there)."""
-  model, variables = _decoding_model(model, variables)
-  (height, width), (win_h, win_w) = grid_hw, window_hw
-  batch = cond.shape[0]
-  spatial = cond.ndim == 3
-  cond_len = win_h * win_w if spatial else cond.shape[1]
-  keys = jax.random.split(rng, height * width)
-  choose = functools.partial(sample_logits, temperature=temperature,
-                             greedy=greedy,
-                             top_k=top_k if use_top_k else None,
-                             top_p=top_p if use_top_p else None)
-
-  def body(n, grid):
-    i, j = n // width, n % width
-    top, local_i = window_position(i, height, win_h)
-    left, local_j = window_position(j, width, win_w)
-    window = jax.lax.dynamic_slice(grid, (0, top, left),
-                                   (batch, win_h, win_w))
-    if spatial:
-      c = jax.lax.dynamic_slice(cond, (0, top, left), (batch, win_h, win_w))
-      c = c.reshape(batch, -1)
-    else:
-      c = cond
-    seq = jnp.concatenate([c, window.reshape(batch, -1)], axis=1)[:, :-1]
-    logits = model.apply(variables, seq)
-    index = cond_len - 1 + local_i * win_w + local_j
-    step_logits = jax.lax.dynamic_index_in_dim(logits, index, axis=1,
-                                               keepdims=False)
-    token = choose(step_logits, keys[n])
-    return grid.at[:, i, j].set(token)
-
-  grid = jnp.zeros((batch, height, width), jnp.int32)
-  return jax.lax.fori_loop(0, height * width, body, grid)
-
-
-def sample_sliding_window(model: gpt_lib.GPT, variables: Any,
-                          cond_prefix: Array, grid_hw: tuple[int, int],
-                          window_hw: tuple[int, int], rng: Array, *,
-                          temperature: float = 1.0, top_k: int | None = None,
-                          top_p: float | None = None,
-                          greedy: bool = False) -> Array:
-  """Samples an H x W token grid larger than the model's window.
-
-  Positions are sampled in raster order. For target (i, j) the window is
-  placed by `window_position` on each axis; the model sees the conditioning
-  (a fixed prefix, or the window's crop of a spatial conditioning grid)
-  followed by the window's image tokens, and the logits at the target's
-  local position are filtered and sampled. Everything runs in one jitted
-  `fori_loop` (window offsets are traced).
-
-  Args:
-    model: the GPT; block_size >= Tc + window_h * window_w - 1.
-    variables: {'params': ...}.
-    cond_prefix: int32 (B, Tc) fixed prefix (SOS / class), or (B, H, W)
-      spatial conditioning codes aligned with the grid.
-    grid_hw: (H, W) of the output grid; each >= the window.
-    window_hw: (h, w) token window the model was trained on.
-    rng: PRNG key.
-    temperature: see `sample`.
-    top_k: see `sample`.
-    top_p: see `sample`.
-    greedy: argmax instead of sampling.
-
-  Returns:
-    int32 (B, H, W).
-  """
-  cond = jnp.asarray(cond_prefix, jnp.int32)
-  grid_hw, window_hw = tuple(map(int, grid_hw)), tuple(map(int, window_hw))
-  if grid_hw[0] < window_hw[0] or grid_hw[1] < window_hw[1]:
-    raise ValueError(f"grid {grid_hw} is smaller than the window {window_hw}")
-  if cond.ndim == 3 and cond.shape[1:] != grid_hw:
-    raise ValueError(f"spatial conditioning {cond.shape[1:]} does not match "
-                     f"the grid {grid_hw}")
-  cond_len = window_hw[0] * window_hw[1] if cond.ndim == 3 else cond.shape[1]
-  if cond_len + window_hw[0] * window_hw[1] - 1 > model.block_size:
-    raise ValueError("conditioning + window exceed block_size")
-  return _sliding_jit(
-      model, variables, cond, _as_key(rng),
-      jnp.asarray(temperature, jnp.float32),
-      jnp.asarray(0 if top_k is None else top_k, jnp.int32),
-      jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
-      grid_hw=grid_hw, window_hw=window_hw, greedy=bool(greedy),
-      use_top_k=top_k is not None, use_top_p=top_p is not None)
