@@ -223,11 +223,11 @@ def test_stage2_probe_prices_the_lean_backward_passes(capsys):
   """The probe's autodiff_backward variant swaps in jax.nn.gelu and flax's
   norms while tracing (and puts them back): XLA plans more memory for it."""
   from benchmarks.probes import gpu_stage2_probe as probe  # pylint: disable=import-outside-toplevel
-  from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
-  before = gpt_lib.gelu_exact, gpt_lib._norm  # pylint: disable=protected-access
+  from vqgan_jax import gpt_layers  # pylint: disable=import-outside-toplevel
+  before = gpt_layers.gelu_exact, gpt_layers.make_norm
   probe.main(["--tiny", "--variants", "base,autodiff_backward", "--steps",
               "1", "--trace_steps", "0"])
-  assert (gpt_lib.gelu_exact, gpt_lib._norm) == before  # pylint: disable=protected-access
+  assert (gpt_layers.gelu_exact, gpt_layers.make_norm) == before
   rows = {line.split("|")[1].strip(): line.split("|")
           for line in capsys.readouterr().out.splitlines()
           if line.startswith("| base") or line.startswith("| autodiff")}

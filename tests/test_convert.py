@@ -3,6 +3,8 @@ import argparse
 import collections
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +104,21 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
       torch_io.load_state_dict(bad)
   with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
     torch_io.load_state_dict(tmp_path / "nope.ckpt")
+
+
+def test_keymaps_import_no_model():
+  """The key maps are pure functions of state dicts and shapes: importing
+  them loads no model module of the package."""
+  code = ("import sys, vqgan_jax.keymaps; print(' '.join(sorted("
+          "m for m in sys.modules if m.startswith('vqgan_jax'))))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                     text=True, check=True, timeout=300, cwd=root,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  loaded = set(r.stdout.split())
+  assert loaded == {"vqgan_jax", "vqgan_jax.keymaps"} | {
+      f"vqgan_jax.keymaps.{m}"
+      for m in ("discriminator", "gpt", "inception", "lpips", "vqgan")}, loaded
 
 
 def test_unknown_target_is_named(tiny_ckpt, tmp_path):

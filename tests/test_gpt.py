@@ -27,7 +27,13 @@ import numpy as np
 import pytest
 
 from vqgan_jax_testing import oracle
+from vqgan_jax import convert
 from vqgan_jax import gpt as gpt_lib
+from vqgan_jax import gpt_layers
+from vqgan_jax import kv_cache
+from vqgan_jax import losses
+from vqgan_jax.keymaps import gpt as gpt_keymap
+from vqgan_jax.training import transformer_trainer as tt
 
 TOL = 1e-4
 CONFIG = dict(vocab_size=37, block_size=24, n_layer=2, n_head=4, n_embd=32)
@@ -78,8 +84,8 @@ def test_logits_match_reference(torch, n_unmasked, scan_layers):
   ref = reference_gpt(torch, n_unmasked=n_unmasked)
   model = gpt_lib.GPT(**CONFIG, n_unmasked=n_unmasked,
                       scan_layers=scan_layers)
-  params = gpt_lib.params_from_state_dict(state_dict_numpy(ref),
-                                          scan_layers=scan_layers)
+  params = gpt_keymap.params_from_state_dict(state_dict_numpy(ref),
+                                             scan_layers=scan_layers)
   # The converted tree has exactly the structure and shapes of model.init.
   tokens = np.random.RandomState(1).randint(0, CONFIG["vocab_size"], (2, 24))
   init = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
@@ -101,7 +107,8 @@ def test_n_unmasked_is_not_causal(torch):
   """With n_unmasked, early logits depend on later tokens inside the block."""
   ref = reference_gpt(torch, n_unmasked=5)
   model = gpt_lib.GPT(**CONFIG, n_unmasked=5)
-  params = {"params": gpt_lib.params_from_state_dict(state_dict_numpy(ref))}
+  params = {"params": gpt_keymap.params_from_state_dict(
+      state_dict_numpy(ref))}
   a = np.zeros((1, 10), np.int32)
   b = a.copy()
   b[0, 4] = 3
@@ -116,12 +123,12 @@ def test_cached_decoding_matches_full_forward(torch, scan_layers, n_unmasked):
   ref = reference_gpt(torch, seed=2, n_unmasked=n_unmasked)
   model = gpt_lib.GPT(**CONFIG, n_unmasked=n_unmasked,
                       scan_layers=scan_layers)
-  variables = {"params": gpt_lib.params_from_state_dict(
+  variables = {"params": gpt_keymap.params_from_state_dict(
       state_dict_numpy(ref), scan_layers=scan_layers)}
   tokens = np.random.RandomState(3).randint(0, 37, (3, 24)).astype(np.int32)
   full = np.asarray(model.apply(variables, tokens))
   prefix_len = 4  # >= n_unmasked, as in the reference's cached sampler
-  cache = gpt_lib.init_cache(model, 3, 24)
+  cache = kv_cache.init_cache(model, 3, 24)
   step = jax.jit(lambda tok, cache, pos: model.apply(
       variables, tok, cache=cache, position=pos))
   logits, cache = model.apply(variables, tokens[:, :prefix_len], cache=cache,
@@ -132,21 +139,21 @@ def test_cached_decoding_matches_full_forward(torch, scan_layers, n_unmasked):
     np.testing.assert_allclose(logits[:, 0], full[:, pos], atol=TOL, rtol=0,
                                err_msg=f"position {pos}")
   # A shorter buffer (what segmented sampling uses) gives the same logits.
-  short = gpt_lib.resize_cache(cache, 12)
-  assert gpt_lib.cache_length(short) == 12
+  short = kv_cache.resize_cache(cache, 12)
+  assert kv_cache.cache_length(short) == 12
   logits, _ = model.apply(variables, tokens[:, 11:12],
-                          cache=gpt_lib.resize_cache(short, 12), position=11)
+                          cache=kv_cache.resize_cache(short, 12), position=11)
   np.testing.assert_allclose(logits[:, 0], full[:, 11], atol=TOL, rtol=0)
   np.testing.assert_allclose(reference_logits(torch, ref, tokens), full,
                              atol=TOL, rtol=0)
 
 
 def test_layer_layouts_round_trip(torch):
-  params = gpt_lib.params_from_state_dict(state_dict_numpy(reference_gpt(
+  params = gpt_keymap.params_from_state_dict(state_dict_numpy(reference_gpt(
       torch)))
-  stacked = gpt_lib.stack_layers(params, CONFIG["n_layer"])
+  stacked = gpt_keymap.stack_layers(params, CONFIG["n_layer"])
   assert stacked["blocks"]["attn"]["query"]["kernel"].shape == (2, 32, 32)
-  back = gpt_lib.unstack_layers(stacked)
+  back = gpt_keymap.unstack_layers(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, back, params)))
 
@@ -156,7 +163,7 @@ def test_conversion_uses_prefix_and_transposes(torch):
   sd = state_dict_numpy(ref)
   wrapped = {"transformer." + k: v for k, v in sd.items()}
   wrapped["first_stage_model.encoder.conv_in.weight"] = np.zeros((1,))
-  params = gpt_lib.params_from_state_dict(wrapped)
+  params = gpt_keymap.params_from_state_dict(wrapped)
   np.testing.assert_array_equal(params["blocks_1"]["mlp"]["fc1"]["kernel"],
                                 sd["blocks.1.mlp.0.weight"].T)
   np.testing.assert_array_equal(params["head"]["kernel"], sd["head.weight"].T)
@@ -171,7 +178,7 @@ def test_conversion_errors_are_explicit(torch):
   bad["blocks.0.attn.extra.weight"] = np.zeros((3,))
   bad["blocks.0.mlp.2.weight"] = np.zeros((32, 100), np.float32)
   with pytest.raises(ValueError) as err:
-    gpt_lib.params_from_state_dict(bad)
+    gpt_keymap.params_from_state_dict(bad)
   msg = str(err.value)
   assert "blocks.1.attn.value.bias" in msg and "missing" in msg
   assert "blocks.0.attn.extra.weight" in msg and "unexpected" in msg
@@ -179,8 +186,8 @@ def test_conversion_errors_are_explicit(torch):
   assert "(32, 128)" in msg and "(32, 100)" in msg
   # Checked against a model's own sizes.
   with pytest.raises(ValueError, match="n_layer=3"):
-    gpt_lib.params_from_state_dict(sd, model=gpt_lib.GPT(**{**CONFIG,
-                                                            "n_layer": 3}))
+    gpt_keymap.params_from_state_dict(sd, model=gpt_lib.GPT(**{**CONFIG,
+                                                               "n_layer": 3}))
 
 
 def test_weight_decay_mask_matches_reference_groups(torch):
@@ -199,8 +206,9 @@ def test_weight_decay_mask_matches_reference_groups(torch):
   flags = {n: np.full(p.shape, float(n in decayed), np.float32)
            for n, p in ref.named_parameters()}
   for scan_layers in (False, True):
-    expected = gpt_lib.params_from_state_dict(flags, scan_layers=scan_layers)
-    mask = gpt_lib.weight_decay_mask(expected)
+    expected = gpt_keymap.params_from_state_dict(flags,
+                                                 scan_layers=scan_layers)
+    mask = tt.weight_decay_mask(expected)
     assert jax.tree.structure(mask) == jax.tree.structure(expected)
 
     def agrees(flag, decay):
@@ -213,19 +221,19 @@ def test_weight_decay_mask_matches_reference_groups(torch):
 def test_config_from_reference_builds_the_reference_model(torch):
   yaml_params = {"vocab_size": 37, "block_size": 24, "n_layer": 2,
                  "n_head": 4, "n_embd": 32, "n_unmasked": 5}
-  cfg = gpt_lib.config_from_reference(yaml_params)
+  cfg = convert.gpt_config_from_reference(yaml_params)
   assert cfg == {**yaml_params, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
                  "attn_pdrop": 0.0}
-  cfg_wrapped = gpt_lib.config_from_reference(
+  cfg_wrapped = convert.gpt_config_from_reference(
       {"target": "taming.modules.transformer.mingpt.GPT",
        "params": yaml_params})
   assert cfg_wrapped == cfg
-  defaults = gpt_lib.config_from_reference({"vocab_size": 5,
-                                            "block_size": 7})
+  defaults = convert.gpt_config_from_reference({"vocab_size": 5,
+                                                "block_size": 7})
   assert (defaults["n_layer"], defaults["n_head"], defaults["n_embd"]) == (
       12, 8, 256)  # the reference GPT's defaults
   with pytest.raises(ValueError, match="bogus"):
-    gpt_lib.config_from_reference({**yaml_params, "bogus": 1})
+    convert.gpt_config_from_reference({**yaml_params, "bogus": 1})
   model = gpt_lib.GPT(**cfg)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 4), jnp.int32))
@@ -258,16 +266,16 @@ def test_token_loss_and_accuracy_match_torch(torch):
   expected = torch.nn.functional.cross_entropy(
       torch.from_numpy(logits).reshape(-1, 11),
       torch.from_numpy(targets).reshape(-1)).item()
-  loss = gpt_lib.token_loss(jnp.asarray(logits, jnp.bfloat16), targets)
+  loss = losses.token_loss(jnp.asarray(logits, jnp.bfloat16), targets)
   assert loss.dtype == jnp.float32
-  np.testing.assert_allclose(gpt_lib.token_loss(logits, targets), expected,
+  np.testing.assert_allclose(losses.token_loss(logits, targets), expected,
                              rtol=1e-6)
-  acc = gpt_lib.token_accuracy(logits, targets)
+  acc = losses.token_accuracy(logits, targets)
   np.testing.assert_allclose(acc, np.mean(logits.argmax(-1) == targets))
   mask = np.zeros((3, 5), np.float32)
   mask[0] = 1
   np.testing.assert_allclose(
-      gpt_lib.token_loss(logits, targets, mask),
+      losses.token_loss(logits, targets, mask),
       torch.nn.functional.cross_entropy(torch.from_numpy(logits[0]),
                                         torch.from_numpy(targets[0])).item(),
       rtol=1e-6)
@@ -277,14 +285,14 @@ def test_token_loss_and_accuracy_match_torch(torch):
 def test_remat_keeps_logits_and_gradients(torch, scan_layers):
   ref = reference_gpt(torch, seed=4)
   sd = state_dict_numpy(ref)
-  params = gpt_lib.params_from_state_dict(sd, scan_layers=scan_layers)
+  params = gpt_keymap.params_from_state_dict(sd, scan_layers=scan_layers)
   tokens = np.random.RandomState(5).randint(0, 37, (2, 12))
   plain = gpt_lib.GPT(**CONFIG, scan_layers=scan_layers)
   remat = plain.clone(remat=True)
 
   def loss(model, p):
     logits = model.apply({"params": p}, tokens[:, :-1])
-    return gpt_lib.token_loss(logits, tokens[:, 1:])
+    return losses.token_loss(logits, tokens[:, 1:])
 
   l1, g1 = jax.value_and_grad(functools.partial(loss, plain))(params)
   l2, g2 = jax.value_and_grad(functools.partial(loss, remat))(params)
@@ -307,13 +315,13 @@ def test_gradients_match_reference(torch):
       logits.reshape(-1, 37), torch.from_numpy(tokens[:, 1:]).reshape(-1))
   loss_t.backward()
   grads_t = {k: p.grad.numpy() for k, p in ref.named_parameters()}
-  want = gpt_lib.params_from_state_dict(grads_t)
-  params = gpt_lib.params_from_state_dict(state_dict_numpy(ref))
+  want = gpt_keymap.params_from_state_dict(grads_t)
+  params = gpt_keymap.params_from_state_dict(state_dict_numpy(ref))
   model = gpt_lib.GPT(**CONFIG)
 
   def loss(p):
     logits = model.apply({"params": p}, tokens[:, :-1])
-    return gpt_lib.token_loss(logits, tokens[:, 1:])
+    return losses.token_loss(logits, tokens[:, 1:])
 
   value, got = jax.value_and_grad(loss)(params)
   np.testing.assert_allclose(value, loss_t.item(), rtol=1e-5)
@@ -333,13 +341,13 @@ def test_gelu_exact_values_derivatives_and_residuals():
   autodiff = functools.partial(jax.nn.gelu, approximate=False)
   for dtype in (jnp.float32, jnp.bfloat16):
     xd = x.astype(dtype)
-    np.testing.assert_array_equal(gpt_lib.gelu_exact(xd), autodiff(xd))
+    np.testing.assert_array_equal(gpt_layers.gelu_exact(xd), autodiff(xd))
   # float32: the same derivative, reverse and forward mode.
-  _, vjp_ours = jax.vjp(gpt_lib.gelu_exact, x)
+  _, vjp_ours = jax.vjp(gpt_layers.gelu_exact, x)
   _, vjp_auto = jax.vjp(autodiff, x)
   np.testing.assert_allclose(vjp_ours(t)[0], vjp_auto(t)[0], rtol=1e-6,
                              atol=1e-6)
-  np.testing.assert_allclose(jax.jvp(gpt_lib.gelu_exact, (x,), (t,))[1],
+  np.testing.assert_allclose(jax.jvp(gpt_layers.gelu_exact, (x,), (t,))[1],
                              jax.jvp(autodiff, (x,), (t,))[1], rtol=1e-6,
                              atol=1e-6)
   # What the backward pass keeps: x alone, against autodiff's three tensors.
@@ -354,7 +362,7 @@ def test_gelu_exact_values_derivatives_and_residuals():
     g = jax.vjp(fn, xb)[1](tb)[0]
     assert g.dtype == jnp.bfloat16
     return float(jnp.mean(jnp.abs(g.astype(jnp.float32) - truth)))
-  assert error(gpt_lib.gelu_exact) < 0.8 * error(autodiff)
+  assert error(gpt_layers.gelu_exact) < 0.8 * error(autodiff)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])

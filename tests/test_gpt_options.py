@@ -15,12 +15,17 @@ Properties protected:
     'dots' to no remat) and, with scanned layers, plans less memory than
     no remat;
   * the trainer fills the 2D grid from the token layout, model.json
-    round-trips the options, and bad values are named;
+    round-trips the options, and bad values are named; every option is
+    declared once (`gpt.OPTIONS`: its default, which is the GPT field's,
+    and its valid values), is a `config.gpt` field, and is checked alike
+    for a config and a model;
   * classifier-free guidance through `sample_lib` (what sample.py calls):
     scale 1 reproduces the conditional samples and scale 0 the null class's,
     so the null token is the one fed; a model without one is refused.
 """
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +33,13 @@ import numpy as np
 import pytest
 
 from vqgan_jax_testing import train_utils as tu
+from vqgan_jax import attention
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import config_io
 from vqgan_jax import gpt as gpt_lib
+from vqgan_jax import gpt_layers
+from vqgan_jax import kv_cache
+from vqgan_jax import losses
 from vqgan_jax import sample_lib
 from vqgan_jax import sampling
 from vqgan_jax import vqgan as vqgan_lib
@@ -51,7 +60,7 @@ def _tokens(batch, length, vocab, seed=0):
 
 def test_rmsnorm_gives_unit_rms_and_the_model_has_no_norm_biases():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16)) * 7.0 + 2.0
-  norm = gpt_lib._norm("rmsnorm", jnp.float32, jnp.float32, "n")
+  norm = gpt_layers.make_norm("rmsnorm", jnp.float32, jnp.float32, "n")
   y, _ = jax.jit(norm.init_with_output)(jax.random.PRNGKey(1), x)
   rms = np.sqrt(np.mean(np.square(np.asarray(y)), axis=-1))
   np.testing.assert_allclose(rms, 1.0, atol=1e-4)
@@ -66,10 +75,10 @@ def test_rmsnorm_gives_unit_rms_and_the_model_has_no_norm_biases():
 
 def test_swiglu_equals_its_formula():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 24))
-  mlp = gpt_lib.SwiGLU(24)
+  mlp = gpt_layers.SwiGLU(24)
   y, variables = mlp.init_with_output(jax.random.PRNGKey(1), x)
   p = variables["params"]
-  hidden = gpt_lib.swiglu_hidden(24)
+  hidden = gpt_layers.swiglu_hidden(24)
   assert hidden == 64 and p["gate"]["kernel"].shape == (24, 64)
   assert set(p) == {"gate", "up", "down"} and "bias" not in p["gate"]
   want = (jax.nn.silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])
@@ -93,9 +102,9 @@ def test_gelu_tanh_mlp_is_the_tanh_formula_on_the_gelu_parameters():
   c = np.sqrt(2 / np.pi)
   want = (0.5 * h * (1 + jnp.tanh(c * (h + 0.044715 * h ** 3)))
           ) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-  got = gpt_lib.MLP(16, approximate=True).apply({"params": p}, x)
+  got = gpt_layers.MLP(16, approximate=True).apply({"params": p}, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  exact = gpt_lib.MLP(16).apply({"params": p}, x)
+  exact = gpt_layers.MLP(16).apply({"params": p}, x)
   assert 0 < float(jnp.abs(exact - got).max()) < 1e-2  # a different GELU
   np.testing.assert_allclose(tanh.apply(variables, toks),
                              base.apply(variables, toks), atol=1e-2)
@@ -117,21 +126,21 @@ def test_zero_head_gives_zero_logits_at_init():
 
 def _score(angles_q, angles_k, q, k):
   """q.k after rotating q by angles_q and k by angles_k (one head)."""
-  rq = gpt_lib.apply_rope(q[None, None, None], angles_q[None])[0, 0, 0]
-  rk = gpt_lib.apply_rope(k[None, None, None], angles_k[None])[0, 0, 0]
+  rq = attention.apply_rope(q[None, None, None], angles_q[None])[0, 0, 0]
+  rk = attention.apply_rope(k[None, None, None], angles_k[None])[0, 0, 0]
   return float(jnp.dot(rq, rk))
 
 
 def test_rope_score_depends_only_on_the_offset():
   q, k = jax.random.normal(jax.random.PRNGKey(0), (2, 16))
-  ang = lambda p: gpt_lib.rope_angles(jnp.asarray([p]), 16)[0]
+  ang = lambda p: attention.rope_angles(jnp.asarray([p]), 16)[0]
   base = _score(ang(9), ang(4), q, k)
   for shift in (1, 7, 30):
     assert _score(ang(9 + shift), ang(4 + shift), q, k) == pytest.approx(
         base, rel=1e-4, abs=1e-5)
   assert abs(_score(ang(9), ang(3), q, k) - base) > 1e-3
   # Rotation keeps the norm.
-  r = gpt_lib.apply_rope(q[None, None, None], ang(5)[None])
+  r = attention.apply_rope(q[None, None, None], ang(5)[None])
   np.testing.assert_allclose(jnp.linalg.norm(r), jnp.linalg.norm(q), rtol=1e-5)
 
 
@@ -141,8 +150,8 @@ def test_rope2d_score_depends_only_on_row_and_column_offsets():
 
   def ang(r, c):  # image token at grid (r, c)
     s = prefix + r * w + c
-    return gpt_lib.rope_angles(jnp.asarray([s]), d, grid_width=w,
-                               prefix_len=prefix)[0]
+    return attention.rope_angles(jnp.asarray([s]), d, grid_width=w,
+                                 prefix_len=prefix)[0]
 
   base = _score(ang(2, 2), ang(1, 0), q, k)  # (d_row, d_col) = (1, 2)
   for sr, sc in ((1, 0), (0, 2), (2, 1), (-1, 1)):  # shift both tokens
@@ -154,7 +163,7 @@ def test_rope2d_score_depends_only_on_row_and_column_offsets():
   across, along = _score(ang(1, 0), ang(0, w - 1), q, k), _score(
       ang(0, 1), ang(0, 0), q, k)
   assert abs(across - along) > 1e-3
-  rows, cols = gpt_lib.grid_positions(jnp.arange(prefix + 2 * w), w, prefix)
+  rows, cols = attention.grid_positions(jnp.arange(prefix + 2 * w), w, prefix)
   np.testing.assert_array_equal(rows, [0, 0] + [1] * w + [2] * w)
   np.testing.assert_array_equal(cols, [0, 1] + list(range(w)) * 2)
 
@@ -179,7 +188,7 @@ def test_cached_decoding_equals_full_forward_with_all_options(scan_layers,
   full = jax.jit(model.apply)(variables, toks)
   run = jax.jit(lambda t, c, p: model.apply(variables, t, cache=c,
                                             position=p))
-  cache = gpt_lib.init_cache(model, 2, model.block_size)
+  cache = kv_cache.init_cache(model, 2, model.block_size)
   out, cache = run(toks[:, :2], cache, 0)
   pieces = [out]
   for i in range(2, model.block_size):
@@ -241,6 +250,32 @@ def test_bad_option_values_are_named(field, value, message):
     model.init(jax.random.PRNGKey(0), _tokens(1, 4, 8))
 
 
+def test_options_are_declared_once_and_checked_for_configs_and_models():
+  """`gpt.OPTIONS` holds each option's default (the GPT field's) and valid
+  values; `check_options` names `config.gpt.FIELD` with the value and the
+  choices for a config and for a GPT alike."""
+  defaults = {f.name: f.default for f in dataclasses.fields(gpt_lib.GPT)}
+  c = tu.load_config("digits_transformer", "test")
+  config_gpt = c.gpt.to_dict()
+  for name, option in gpt_lib.OPTIONS.items():
+    assert defaults[name] == option.default, name
+    assert name in config_gpt, name
+  assert set(gpt_lib.ARCH_FIELDS) <= set(config_gpt)
+  gpt_lib.check_options(c.gpt)
+  small = dict(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=8)
+  gpt_lib.check_options(gpt_lib.GPT(**small))
+  for name, option in gpt_lib.OPTIONS.items():
+    if option.choices is None:
+      continue
+    message = re.escape(f"config.gpt.{name}='bogus'; valid: {option.choices}")
+    c.gpt[name] = "bogus"
+    with pytest.raises(ValueError, match=message):
+      gpt_lib.check_options(c.gpt)
+    with pytest.raises(ValueError, match=message):
+      gpt_lib.check_options(gpt_lib.GPT(**small, **{name: "bogus"}))
+    c.gpt[name] = option.default
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_remat_policies_keep_gradients_and_trade_flops_for_memory(
     scan_layers):
@@ -252,7 +287,7 @@ def test_remat_policies_keep_gradients_and_trade_flops_for_memory(
   def grad_fn(m):
     def loss(p):
       logits = m.apply({"params": p}, tokens)
-      return gpt_lib.token_loss(logits, tokens)
+      return losses.token_loss(logits, tokens)
     return jax.jit(jax.grad(loss))
 
   expected = grad_fn(model)(params)

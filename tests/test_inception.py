@@ -11,6 +11,7 @@ import pytest
 
 from vqgan_jax_testing import oracle
 from vqgan_jax import inception
+from vqgan_jax import keymaps
 from vqgan_jax import metrics
 
 BATCH = 4
@@ -59,7 +60,7 @@ def setup(tmp_path_factory):
   torch = oracle.torch()
   torch.set_num_threads(2)
   sd = _random_state_dict(torch)
-  path = tmp_path_factory.mktemp("inception") / inception.WEIGHTS_FILE
+  path = tmp_path_factory.mktemp("inception") / keymaps.inception.WEIGHTS_FILE
   torch.save(sd, path)
   model, variables = inception.load_inception(path, resize_to=None)
   return sd, path, jax.jit(model.apply), variables

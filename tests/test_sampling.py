@@ -22,6 +22,7 @@ from vqgan_jax_testing import oracle
 from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import sampling
 from vqgan_jax import sliding_window
+from vqgan_jax.keymaps import gpt as gpt_keymap
 
 CONFIG = dict(vocab_size=23, block_size=24, n_layer=2, n_head=2, n_embd=16)
 SIGNIFICANCE = 1e-3  # chi-square tests reject fits with p-value below this
@@ -47,7 +48,7 @@ def models(torch):
         p.normal_(0.0, p.shape[1] ** -0.5)
   state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   model = gpt_lib.GPT(**CONFIG)
-  return ref, model, {"params": gpt_lib.params_from_state_dict(state)}
+  return ref, model, {"params": gpt_keymap.params_from_state_dict(state)}
 
 
 def _prefix(batch=3, length=2, seed=0):
@@ -83,7 +84,7 @@ def test_greedy_matches_reference_samplers(torch, models):
     np.testing.assert_array_equal(ours, with_past)
   # Stacked (scan) layout samples the same tokens.
   scan_model = model.clone(scan_layers=True)
-  stacked = {"params": gpt_lib.stack_layers(variables["params"], 2)}
+  stacked = {"params": gpt_keymap.stack_layers(variables["params"], 2)}
   np.testing.assert_array_equal(
       sampling.sample(scan_model, stacked, prefix, steps, key, greedy=True),
       with_past)

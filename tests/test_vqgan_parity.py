@@ -25,6 +25,7 @@ import pytest
 from vqgan_jax_testing import oracle
 from vqgan_jax_testing import reference_ckpt as rc
 from vqgan_jax import convert
+from vqgan_jax import keymaps
 from vqgan_jax import modules
 from vqgan_jax.backends import xla_cpu
 
@@ -129,7 +130,7 @@ def test_state_dict_round_trip_is_exact(tmp_path, torch):
   ref = rc.build_reference(cfg, seed=5)
   ckpt, yml = rc.save_reference(tmp_path, ref, cfg)
   _, variables = convert.load_taming_vqgan(ckpt, yml)
-  back = convert.state_dict_from_params(variables["params"])
+  back = keymaps.vqgan.state_dict_from_params(variables["params"])
   ref_sd = {k: v.numpy() for k, v in ref.state_dict().items()}
   assert set(back) == set(ref_sd)
   for k, v in ref_sd.items():

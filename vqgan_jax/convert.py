@@ -11,12 +11,13 @@ Command line (writes this project's checkpoint format, loadable with
   python -m vqgan_jax.convert --checkpoint last.ckpt --config model.yaml \
       --out converted/vqgan_f16_16384
 
-No torch is needed: checkpoints are read with :mod:`vqgan_jax.torch_io`.
+No torch is needed: checkpoints are read with :mod:`vqgan_jax.torch_io`, and
+their keys are mapped onto this package's parameters by
+:mod:`vqgan_jax.keymaps`.
 """
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from absl import flags
-from flax import traverse_util
 
 from vqgan_jax import cli
+from vqgan_jax import keymaps
 from vqgan_jax import torch_io
 from vqgan_jax import vqgan as vqgan_lib
 
@@ -38,8 +39,6 @@ VQ_TARGETS = {
     "taming.models.vqgan.GumbelVQ": "gumbel",
 }
 TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
-# Buffers of the reference models that are not weights of the network.
-_IGNORED_KEYS = re.compile(r"^(colorize|loss\.|.*num_batches_tracked$)")
 
 
 class ConversionError(ValueError):
@@ -107,105 +106,6 @@ def vqgan_from_reference(model_cfg: Mapping[str, Any], *,
 
 
 # ----------------------------------------------------------------------------
-# State dict <-> Flax parameters
-
-
-def flax_path_to_torch_key(path: Tuple[str, ...]) -> str:
-  """``('encoder', 'down_0_block_1', 'conv1', 'kernel')`` -> ``encoder.down.0.block.1.conv1.weight``."""
-  *mods, leaf = path
-  key = ".".join(mods)
-  key = re.sub(r"(down|up)_(\d+)_(block|attn)_(\d+)", r"\1.\2.\3.\4", key)
-  key = re.sub(r"(down|up)_(\d+)_(downsample|upsample)", r"\1.\2.\3", key)
-  key = re.sub(r"mid_((block|attn)_\d)", r"mid.\1", key)
-  if mods == ["quantize"] and leaf in ("embedding", "embed"):
-    return f"quantize.{leaf}.weight"
-  return key + "." + {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
-
-
-def _to_flax(name: str, value: np.ndarray, target_shape) -> np.ndarray:
-  if value.ndim == 4 and len(target_shape) == 4:  # conv (O, I, kh, kw) -> HWIO
-    value = value.transpose(2, 3, 1, 0)
-  elif value.ndim == 2 and len(target_shape) == 2 and name.endswith(
-      "kernel"):  # linear
-    value = value.T
-  return value
-
-
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
-                           abstract_params, *, prefix: str = "",
-                           ignore: re.Pattern = _IGNORED_KEYS,
-                           what: str = "checkpoint") -> Dict[str, Any]:
-  """Fills a Flax parameter tree from a torch state dict, checking everything.
-
-  Args:
-    state_dict: torch names -> arrays.
-    abstract_params: the target tree (arrays or ShapeDtypeStructs).
-    prefix: prefix of the relevant keys in ``state_dict``.
-    ignore: keys (after the prefix) that are not parameters of this model.
-    what: how to name the source in errors.
-
-  Returns:
-    The parameter tree, float32 numpy arrays in Flax layout.
-
-  Raises:
-    ConversionError: listing missing keys, unexpected keys, and shape
-      mismatches (key, checkpoint shape, expected shape).
-  """
-  flat = traverse_util.flatten_dict(abstract_params)
-  own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  wanted = {flax_path_to_torch_key(p): p for p in flat}
-  missing = sorted(set(wanted) - set(own))
-  unexpected = sorted(k for k in set(own) - set(wanted) if not ignore.match(k))
-  out, mismatched = {}, []
-  for key, path in wanted.items():
-    if key not in own:
-      continue
-    target = flat[path]
-    value = _to_flax(path[-1], np.asarray(own[key]), target.shape)
-    if tuple(value.shape) != tuple(target.shape):
-      mismatched.append(f"{prefix}{key}: checkpoint {tuple(own[key].shape)}, "
-                        f"model expects {_torch_shape(target.shape)}")
-      continue
-    out[path] = value.astype(np.float32)
-  if missing or unexpected or mismatched:
-    raise ConversionError(_mismatch_message(what, prefix, missing, unexpected,
-                                            mismatched))
-  return traverse_util.unflatten_dict(out)
-
-
-def _torch_shape(shape):
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(shape)
-
-
-def _mismatch_message(what, prefix, missing, unexpected, mismatched, limit=20):
-  lines = [f"the {what} does not match the model built from its config:"]
-  for title, items in (("missing keys", missing),
-                       ("unexpected keys", unexpected),
-                       ("shape mismatches", mismatched)):
-    if items:
-      shown = [i if i.startswith(prefix) and ":" in i else prefix + i
-               for i in items[:limit]]
-      more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-      lines.append(f"  {title} ({len(items)}){more}: " + ", ".join(shown))
-  lines.append("  check that the YAML config is the one released with this "
-               "checkpoint")
-  return "\n".join(lines)
-
-
-def state_dict_from_params(params, *, prefix: str = "") -> Dict[str, np.ndarray]:
-  """Inverse of :func:`params_from_state_dict` (Flax -> torch layout)."""
-  out = {}
-  for path, value in traverse_util.flatten_dict(params).items():
-    value = np.asarray(value)
-    if value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)
-    out[prefix + flax_path_to_torch_key(path)] = value
-  return out
-
-
-# ----------------------------------------------------------------------------
 # Loading
 
 
@@ -229,6 +129,22 @@ def _abstract_params(model: vqgan_lib.VQGAN):
                          jnp.zeros(shape, jnp.float32)))["params"]
 
 
+def _vqgan_params(state_dict: Mapping[str, np.ndarray],
+                  model: vqgan_lib.VQGAN, *, prefix: str,
+                  what: str) -> Dict[str, Any]:
+  """``model``'s parameters (float32 numpy) from a reference state dict.
+
+  Raises:
+    ConversionError: naming the missing keys, the unexpected keys and each
+      shape mismatch (:func:`vqgan_jax.keymaps.vqgan.params_from_state_dict`).
+  """
+  try:
+    return keymaps.vqgan.params_from_state_dict(
+        state_dict, _abstract_params(model), prefix=prefix, what=what)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+
+
 def convert_taming_vqgan(checkpoint_path, config_path, *, dtype=jnp.float32,
                          param_dtype=jnp.float32, noisy_gumbel: bool = False,
                          state_dict: Optional[Mapping[str, np.ndarray]] = None
@@ -246,11 +162,10 @@ def convert_taming_vqgan(checkpoint_path, config_path, *, dtype=jnp.float32,
                                noisy_gumbel=noisy_gumbel)
   if state_dict is None:
     state_dict = torch_io.load_state_dict(checkpoint_path)
-  ignore = _IGNORED_KEYS
   if prefix:  # a transformer checkpoint: skip the GPT and the cond stage
     state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-  params = params_from_state_dict(
-      state_dict, _abstract_params(model), prefix=prefix, ignore=ignore,
+  params = _vqgan_params(
+      state_dict, model, prefix=prefix,
       what=f"checkpoint {os.fspath(checkpoint_path)}")
   params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
   extras = _loss_extras(state_dict, prefix)
@@ -343,6 +258,54 @@ def transformer_conditioning(params: Mapping[str, Any]) -> Dict[str, Any]:
   raise ConversionError(f"unsupported conditioning stage {target!r}")
 
 
+# GPT fields that a reference `transformer_config.params` can set, with the
+# reference's defaults.
+_GPT_REFERENCE_DEFAULTS = {
+    "n_layer": 12,
+    "n_head": 8,
+    "n_embd": 256,
+    "embd_pdrop": 0.0,
+    "resid_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "n_unmasked": 0,
+}
+
+
+def gpt_config_from_reference(transformer_config_params: Mapping[str, Any]
+                              ) -> Dict[str, Any]:
+  """Maps the reference YAML `transformer_config.params` to `GPT` fields.
+
+  Args:
+    transformer_config_params: the `params` mapping of the reference
+      `taming.modules.transformer.mingpt.GPT` config (a mapping with
+      `target` and `params` is accepted too).
+
+  Returns:
+    Keyword arguments for `GPT(...)`, with the reference defaults filled in.
+
+  Raises:
+    ValueError: on unknown keys or a missing vocab_size / block_size.
+  """
+  cfg = dict(transformer_config_params)
+  if "params" in cfg and "target" in cfg:
+    cfg = dict(cfg["params"])
+  known = {"vocab_size", "block_size"} | set(_GPT_REFERENCE_DEFAULTS)
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise ValueError(f"unknown minGPT config keys: {unknown}")
+  missing = sorted({"vocab_size", "block_size"} - set(cfg))
+  if missing:
+    raise ValueError(f"minGPT config lacks {missing}")
+  out = dict(_GPT_REFERENCE_DEFAULTS)
+  out.update(cfg)
+  for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+              "n_unmasked"):
+    out[key] = int(out[key])
+  for key in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+    out[key] = float(out[key])
+  return out
+
+
 def load_taming_transformer(checkpoint_path, config_path, *, dtype=jnp.float32,
                             state_dict=None):
   """Loads the GPT of a reference Net2NetTransformer as ``(model, variables)``.
@@ -359,15 +322,15 @@ def load_taming_transformer(checkpoint_path, config_path, *, dtype=jnp.float32,
   cfg = read_reference_config(config_path)
   params = _transformer_params(cfg, config_path)
   try:
-    gpt_cfg = gpt_lib.config_from_reference(params["transformer_config"])
+    gpt_cfg = gpt_config_from_reference(params["transformer_config"])
   except ValueError as e:
     raise ConversionError(f"{config_path}: {e}") from e
   model = gpt_lib.GPT(**gpt_cfg, dtype=dtype)
   if state_dict is None:
     state_dict = torch_io.load_state_dict(checkpoint_path)
   try:
-    gpt_params = gpt_lib.params_from_state_dict(state_dict, prefix="transformer.",
-                                                model=model)
+    gpt_params = keymaps.gpt.params_from_state_dict(
+        state_dict, prefix="transformer.", model=model)
   except ValueError as e:
     raise ConversionError(f"checkpoint {os.fspath(checkpoint_path)}: {e}") from e
   return model, {"params": jax.tree.map(jnp.asarray, gpt_params)}
@@ -401,9 +364,9 @@ def write_converted_transformer(checkpoint_path, config_path, out_dir) -> str:
   if cond.get("cond_vqgan") == "cond_vqgan":
     c_entry = params["cond_stage_config"]
     c_model = vqgan_from_reference(c_entry)
-    c_params = params_from_state_dict(
+    c_params = _vqgan_params(
         {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")},
-        _abstract_params(c_model), prefix="cond_stage_model.",
+        c_model, prefix="cond_stage_model.",
         what=f"checkpoint {os.fspath(checkpoint_path)} (cond stage)")
     checkpoint.save_pretrained(os.path.join(out_dir, "cond_vqgan"), "vqgan",
                                vqgan_lib.model_config(c_model),

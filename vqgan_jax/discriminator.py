@@ -1,9 +1,8 @@
 """PatchGAN discriminator of the VQGAN loss (pix2pix NLayerDiscriminator).
 
 Layer ``main_{i}`` is entry ``i`` of the reference's ``main`` Sequential (the
-LeakyReLUs take the missing indices), so checkpoint keys map one to one:
-``main.{i}.weight|bias`` -> ``params/main_{i}``, BatchNorm
-``running_mean|running_var`` -> ``batch_stats/main_{i}/mean|var``.
+LeakyReLUs take the missing indices), so checkpoint keys map one to one
+(:mod:`vqgan_jax.keymaps.discriminator`).
 
 BatchNorm follows torch exactly (:class:`BatchNorm`): training normalises by
 the batch's biased variance and updates the running variance with the
@@ -37,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vqgan_jax import keymaps
 
 Array = jax.Array
 
@@ -260,31 +261,14 @@ def initialize_actnorm(model: NLayerDiscriminator,
 
 
 # ----------------------------------------------------------------------------
-# Weight conversion.
+# Loading reference weights (the key map is `vqgan_jax.keymaps.discriminator`).
 
 
-# Flax leaf name -> reference buffer/parameter name (ActNorm's loc/scale
-# keep their names).
-_TORCH_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                "mean": "running_mean", "var": "running_var",
-                "initialized": "initialized"}
-
-
-def _config_from_state_dict(sd: Mapping[str, np.ndarray], prefix: str
-                            ) -> NLayerDiscriminator:
-  """Infers the architecture of a reference state dict."""
-  w0 = sd.get(f"{prefix}main.0.weight")
-  if w0 is None or np.ndim(w0) != 4:
-    raise ValueError(f"missing keys: ['{prefix}main.0.weight'] (no "
-                     f"discriminator under prefix {prefix!r})")
-  convs = sorted({int(k[len(prefix):].split(".")[1]) for k in sd
-                  if k.startswith(prefix + "main.") and k.endswith(".weight")
-                  and np.ndim(sd[k]) == 4})
-  use_actnorm = any(k.startswith(prefix + "main.") and k.endswith(".loc")
-                    for k in sd)
-  return NLayerDiscriminator(input_nc=int(w0.shape[1]), ndf=int(w0.shape[0]),
-                             n_layers=max(len(convs) - 2, 1),
-                             use_actnorm=use_actnorm)
+def _abstract_variables(model: NLayerDiscriminator) -> Dict[str, Any]:
+  size = 4 * 2 ** model.n_layers
+  return jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0),
+                         jnp.zeros((1, size, size, model.input_nc))))
 
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -308,57 +292,14 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
     ValueError: missing or unexpected keys or shape mismatches, each named.
   """
   if model is None:
-    model = _config_from_state_dict(state_dict, prefix)
-  size = 4 * 2 ** model.n_layers
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0),
-                         jnp.zeros((1, size, size, model.input_nc))))
-  expected: Dict[str, Tuple[Tuple[str, ...], Tuple[int, ...]]] = {}
-  for col, tree in shapes.items():
-    for name, leaves in tree.items():
-      i = name.split("_")[1]
-      for leaf, s in leaves.items():
-        actnorm = model.use_actnorm and leaf in ("loc", "scale")
-        torch_name = leaf if actnorm else _TORCH_NAMES[leaf]
-        shape = tuple(s.shape)
-        if leaf == "kernel":
-          shape = (shape[3], shape[2], shape[0], shape[1])
-        elif actnorm:
-          shape = (1, shape[0], 1, 1)
-        expected[f"{prefix}main.{i}.{torch_name}"] = ((col, name, leaf), shape)
-
-  given = {k: v for k, v in state_dict.items() if k.startswith(prefix)
-           and not k.endswith("num_batches_tracked")}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  bad = [f"{k}: expected {expected[k][1]}, got {tuple(np.shape(given[k]))}"
-         for k in sorted(set(expected) & set(given))
-         if tuple(np.shape(given[k])) != expected[k][1]]
-  problems = ([f"missing keys: {missing}"] if missing else []) + (
-      [f"unexpected keys: {unexpected}"] if unexpected else []) + (
-          ["shape mismatches: " + "; ".join(bad)] if bad else [])
-  if problems:
-    arch = (f"NLayerDiscriminator(input_nc={model.input_nc}, "
-            f"ndf={model.ndf}, n_layers={model.n_layers}, "
-            f"use_actnorm={model.use_actnorm})")
-    raise ValueError(f"discriminator state dict does not match {arch}: " +
-                     " | ".join(problems))
-
-  out: Dict[str, Dict[str, Dict[str, Any]]] = {"params": {},
-                                               "batch_stats": {}}
-  for key, ((col, name, leaf), _) in expected.items():
-    value = np.asarray(given[key])
-    if leaf == "kernel":
-      value = np.transpose(value, (2, 3, 1, 0))
-    if leaf == "initialized":
-      value = jnp.asarray(int(np.asarray(value).reshape(())), jnp.int32)
-    elif col == "batch_stats":
-      value = jnp.asarray(value.astype(np.float32))
-    else:
-      value = jnp.asarray(value if leaf == "kernel" else value.reshape(-1),
-                          dtype)
-    out[col].setdefault(name, {})[leaf] = value
-  return out
+    model = NLayerDiscriminator(
+        **keymaps.discriminator.config_from_state_dict(state_dict, prefix))
+  arch = (f"NLayerDiscriminator(input_nc={model.input_nc}, "
+          f"ndf={model.ndf}, n_layers={model.n_layers}, "
+          f"use_actnorm={model.use_actnorm})")
+  return keymaps.discriminator.variables_from_state_dict(
+      state_dict, _abstract_variables(model), prefix=prefix, what=arch,
+      dtype=dtype)
 
 
 def discriminator_from_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -376,6 +317,7 @@ def discriminator_from_state_dict(state_dict: Mapping[str, np.ndarray],
   Returns:
     ``(model, variables)``.
   """
-  model = _config_from_state_dict(state_dict, prefix)
+  model = NLayerDiscriminator(
+      **keymaps.discriminator.config_from_state_dict(state_dict, prefix))
   model = model.clone(dtype=dtype, param_dtype=dtype)
   return model, params_from_state_dict(state_dict, prefix, model, dtype)

@@ -6,7 +6,7 @@ pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` is a port. This module
 builds that network (torchvision's InceptionV3 with the FID patches: average
 pools that ignore padding in the A/C/E_1 blocks, a max pool in the last E
 block, 1008 output classes) and reads that file with the project's torch-free
-reader, mapping its keys:
+reader, mapping its keys (:mod:`vqgan_jax.keymaps.inception`):
 
     model, variables = load_inception('pt_inception-2015-12-05-6726825d.pth')
     pool, logits = model.apply(variables, images)  # images in [-1, 1]
@@ -20,13 +20,14 @@ the weights file themselves (see the README).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqgan_jax import keymaps
 from vqgan_jax import torch_io
 
 Array = jax.Array
@@ -34,7 +35,6 @@ Array = jax.Array
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 FEATURE_DIM = 2048
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 BN_EPS = 1e-3
 
 
@@ -244,28 +244,15 @@ def _abstract_variables() -> Mapping[str, Any]:
           jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3), jnp.float32)))
 
 
-def _torch_name(path: Sequence[str]) -> Tuple[str, str]:
-  """Flax variable path -> (torch key, layout kind)."""
-  collection, *modules, leaf = path
-  prefix = ".".join(modules)
-  if modules[-1] == "fc":
-    return prefix + {"kernel": ".weight", "bias": ".bias"}[leaf], (
-        "linear" if leaf == "kernel" else "copy")
-  if modules[-1] == "conv":
-    return prefix + ".weight", "conv"
-  torch_leaf = {("params", "scale"): "weight", ("params", "bias"): "bias",
-                ("batch_stats", "mean"): "running_mean",
-                ("batch_stats", "var"): "running_var"}[(collection, leaf)]
-  return f"{prefix}.{torch_leaf}", "copy"
-
-
 def inception_variables(state_dict: Mapping[str, np.ndarray]
                         ) -> Dict[str, Any]:
   """Maps a pytorch-fid Inception state dict to this module's variables.
 
+  The key map is :mod:`vqgan_jax.keymaps.inception`.
+
   Args:
     state_dict: torch key -> array, e.g. from
-      `torch_io.load_state_dict(WEIGHTS_FILE)`. `num_batches_tracked` and
+      `torch_io.load_state_dict(path)`. `num_batches_tracked` and
       auxiliary-classifier (`AuxLogits.*`) entries are ignored.
 
   Returns:
@@ -274,41 +261,8 @@ def inception_variables(state_dict: Mapping[str, np.ndarray]
   Raises:
     ValueError: missing, unexpected or wrongly shaped entries (listed).
   """
-  abstract = _abstract_variables()
-  flat = {}
-  used, missing, bad_shape = set(), [], []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    names = [p.key for p in path]
-    key, kind = _torch_name(names)
-    if key not in state_dict:
-      missing.append(key)
-      continue
-    used.add(key)
-    a = np.asarray(state_dict[key], np.float32)
-    if kind == "conv":
-      a = a.transpose(2, 3, 1, 0)
-    elif kind == "linear":
-      a = a.T
-    if a.shape != leaf.shape:
-      bad_shape.append(f"{key}: {a.shape} != {leaf.shape}")
-      continue
-    flat[tuple(names)] = a
-  unexpected = sorted(
-      k for k in state_dict if k not in used and
-      not k.endswith("num_batches_tracked") and not k.startswith("AuxLogits."))
-  if missing or unexpected or bad_shape:
-    raise ValueError(
-        "not a pytorch-fid FID Inception state dict "
-        f"({WEIGHTS_FILE}): missing {missing[:5]} ({len(missing)}), "
-        f"unexpected {unexpected[:5]} ({len(unexpected)}), "
-        f"wrong shapes {bad_shape[:5]}")
-  variables: Dict[str, Any] = {}
-  for names, a in flat.items():
-    node = variables
-    for n in names[:-1]:
-      node = node.setdefault(n, {})
-    node[names[-1]] = jnp.asarray(a)
-  return variables
+  return keymaps.inception.variables_from_state_dict(state_dict,
+                                                     _abstract_variables())
 
 
 def load_inception(path: str | os.PathLike, *,
@@ -327,7 +281,8 @@ def load_inception(path: str | os.PathLike, *,
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"Inception weights not found: {path}; download {WEIGHTS_FILE} from "
+        f"Inception weights not found: {path}; download "
+        f"{keymaps.inception.WEIGHTS_FILE} from "
         f"pytorch-fid's releases (github.com/mseitzer/pytorch-fid) and pass "
         f"its path")
   state_dict = torch_io.load_state_dict(path)

@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 Metrics = Dict[str, Array]
@@ -475,3 +476,46 @@ def bce_with_quant_loss(q_loss: Array, targets: Array, predictions: Array,
   loss = bce + _f32(codebook_weight) * q
   metrics = {"total_loss": loss, "bce_loss": bce, "quant_loss": q}
   return loss, jax.tree_util.tree_map(jax.lax.stop_gradient, metrics)
+
+
+# ----------------------------------------------------------------------------
+# Stage 2 (GPT): token losses.
+
+
+def token_loss(logits: Array, targets: Array,
+               mask: Optional[Array] = None) -> Array:
+  """Mean token cross-entropy, computed in float32.
+
+  Args:
+    logits: (..., V) logits.
+    targets: int (...) target ids.
+    mask: optional (...) weights; the mean is taken over weighted tokens.
+
+  Returns:
+    float32 scalar.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+  if mask is None:
+    return losses.mean()
+  mask = mask.astype(jnp.float32)
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def token_accuracy(logits: Array, targets: Array,
+                   mask: Optional[Array] = None) -> Array:
+  """Fraction of tokens whose argmax equals the target.
+
+  Args:
+    logits: (..., V) logits.
+    targets: int (...) target ids.
+    mask: optional (...) weights.
+
+  Returns:
+    float32 scalar in [0, 1].
+  """
+  hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  if mask is None:
+    return hits.mean()
+  mask = mask.astype(jnp.float32)
+  return (hits * mask).sum() / jnp.maximum(mask.sum(), 1.0)

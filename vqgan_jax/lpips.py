@@ -26,6 +26,7 @@ argument and call :func:`lpips_distance`, which wraps them in
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqgan_jax import keymaps
 from vqgan_jax import torch_io
 
 Array = jax.Array
@@ -42,20 +44,15 @@ Array = jax.Array
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 
-# The VGG16 trunk as (index in torchvision's ``features``, name, channels),
-# grouped into the five blocks that end at the LPIPS taps. A 2x2 max-pool
-# precedes every block but the first.
-VGG16_BLOCKS: Tuple[Tuple[Tuple[int, str, int], ...], ...] = (
-    ((0, "conv1_1", 64), (2, "conv1_2", 64)),
-    ((5, "conv2_1", 128), (7, "conv2_2", 128)),
-    ((10, "conv3_1", 256), (12, "conv3_2", 256), (14, "conv3_3", 256)),
-    ((17, "conv4_1", 512), (19, "conv4_2", 512), (21, "conv4_3", 512)),
-    ((24, "conv5_1", 512), (26, "conv5_2", 512), (28, "conv5_3", 512)),
+# The VGG16 trunk as (name, channels), grouped into the five blocks that end
+# at the LPIPS taps. A 2x2 max-pool precedes every block but the first.
+VGG16_BLOCKS: Tuple[Tuple[Tuple[str, int], ...], ...] = (
+    (("conv1_1", 64), ("conv1_2", 64)),
+    (("conv2_1", 128), ("conv2_2", 128)),
+    (("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256)),
+    (("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512)),
+    (("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512)),
 )
-TAP_CHANNELS = (64, 128, 256, 512, 512)
-# First torchvision ``features`` index of each reference slice 2..5
-# (``net.slice{k}`` keeps the torchvision index of each layer it holds).
-_SLICE_STARTS = (0, 4, 9, 16, 23)
 
 _WEIGHTS_HELP = (
     "LPIPS needs two weight files that are not part of this project: the "
@@ -117,7 +114,7 @@ class LPIPS(nn.Module):
     """The VGG16 convolutions, block by block (created once per call)."""
     return [[nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                      param_dtype=self.param_dtype, precision=self.precision,
-                     name=name) for _, name, ch in block]
+                     name=name) for name, ch in block]
             for block in VGG16_BLOCKS]
 
   def _taps(self, trunk: Sequence[Sequence[nn.Module]], x: Array
@@ -191,91 +188,15 @@ def lpips_distance(model: LPIPS, variables: Mapping[str, Any], x: Array,
 
 
 # ----------------------------------------------------------------------------
-# Weight conversion.
+# Loading weights (the key maps are in `vqgan_jax.keymaps.lpips`).
 
 
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-  """torch Conv2d weight (O, I, kh, kw) -> Flax kernel (kh, kw, I, O)."""
-  return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
-
-
-def _expected_shapes(keys: Mapping[str, str]) -> Dict[str, Tuple[int, ...]]:
-  """Torch-layout shape of every key of a ``{key: 'module/param'}`` map."""
-  convs, cin = {}, 3
-  for block in VGG16_BLOCKS:
-    for _, name, ch in block:
-      convs[name] = (ch, cin)
-      cin = ch
-  shapes = {}
-  for key, role in keys.items():
-    name, kind = role.split("/")
-    if name.startswith("lin"):
-      shapes[key] = (1, TAP_CHANNELS[int(name[3:])], 1, 1)
-    elif kind == "kernel":
-      shapes[key] = (*convs[name], 3, 3)
-    else:
-      shapes[key] = (convs[name][0],)
-  return shapes
-
-
-def _check_keys(given: Mapping[str, np.ndarray],
-                expected: Mapping[str, Tuple[int, ...]], what: str,
-                ignore_prefixes: Sequence[str] = ()) -> None:
-  """Raises a ValueError naming missing/unexpected keys and bad shapes."""
-  present = {k for k in given if not any(k.startswith(p)
-                                         for p in ignore_prefixes)}
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected))
-  bad = [f"{k}: expected {tuple(expected[k])}, got {tuple(given[k].shape)}"
-         for k in sorted(set(expected) & present)
-         if tuple(given[k].shape) != tuple(expected[k])]
-  problems = []
-  if missing:
-    problems.append(f"missing keys: {missing}")
-  if unexpected:
-    problems.append(f"unexpected keys: {unexpected}")
-  if bad:
-    problems.append("shape mismatches: " + "; ".join(bad))
-  if problems:
-    raise ValueError(f"{what} does not match the LPIPS VGG16 layout: " +
-                     " | ".join(problems))
-
-
-def _build_params(arrays: Mapping[str, np.ndarray],
-                  vgg_keys: Mapping[str, str], lin_keys: Mapping[str, str],
-                  dtype: Any) -> Dict[str, Any]:
-  params: Dict[str, Dict[str, np.ndarray]] = {}
-  for key, role in {**vgg_keys, **lin_keys}.items():
-    name, kind = role.split("/")
-    value = np.asarray(arrays[key], np.float32)
-    if kind == "kernel":
-      value = _conv_kernel(value)
-    params.setdefault(name, {})[kind] = jnp.asarray(value, dtype)
-  return {"params": params}
-
-
-def _torchvision_keys(prefix: str = "features.") -> Dict[str, str]:
-  keys = {}
-  for block in VGG16_BLOCKS:
-    for idx, name, _ in block:
-      keys[f"{prefix}{idx}.weight"] = f"{name}/kernel"
-      keys[f"{prefix}{idx}.bias"] = f"{name}/bias"
-  return keys
-
-
-def _reference_trunk_keys(prefix: str) -> Dict[str, str]:
-  keys = {}
-  for block in VGG16_BLOCKS:
-    for idx, name, _ in block:
-      s = sum(idx >= start for start in _SLICE_STARTS)
-      keys[f"{prefix}net.slice{s}.{idx}.weight"] = f"{name}/kernel"
-      keys[f"{prefix}net.slice{s}.{idx}.bias"] = f"{name}/bias"
-  return keys
-
-
-def _lin_keys(prefix: str = "") -> Dict[str, str]:
-  return {f"{prefix}lin{k}.model.1.weight": f"lin{k}/kernel"
-          for k in range(len(TAP_CHANNELS))}
+@functools.lru_cache(maxsize=None)
+def _abstract_params() -> Dict[str, Any]:
+  """Parameter shapes of :class:`LPIPS` (no computation)."""
+  x = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  return jax.eval_shape(
+      lambda: LPIPS().init(jax.random.PRNGKey(0), x, x))["params"]
 
 
 def lpips_variables(vgg_state_dict: Mapping[str, np.ndarray],
@@ -295,13 +216,8 @@ def lpips_variables(vgg_state_dict: Mapping[str, np.ndarray],
   Raises:
     ValueError: missing or unexpected keys, or a shape mismatch.
   """
-  vgg_keys, lin_keys = _torchvision_keys(), _lin_keys()
-  _check_keys(vgg_state_dict, _expected_shapes(vgg_keys),
-              "VGG16 state dict", ignore_prefixes=("classifier.",))
-  _check_keys(lin_state_dict, _expected_shapes(lin_keys),
-              "LPIPS lin state dict")
-  merged = {**vgg_state_dict, **lin_state_dict}
-  return _build_params(merged, vgg_keys, lin_keys, dtype)
+  return keymaps.lpips.torchvision_params(vgg_state_dict, lin_state_dict,
+                                          _abstract_params(), dtype)
 
 
 def lpips_variables_from_reference(state_dict: Mapping[str, np.ndarray],
@@ -329,20 +245,9 @@ def lpips_variables_from_reference(state_dict: Mapping[str, np.ndarray],
     ValueError: missing or unexpected keys, a shape mismatch, or scaling
       constants that differ from LPIPS v0.1.
   """
-  sub = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-  vgg_keys, lin_keys = _reference_trunk_keys(prefix), _lin_keys(prefix)
-  expected = _expected_shapes({**vgg_keys, **lin_keys})
-  buffers = {f"{prefix}scaling_layer.shift": SHIFT,
-             f"{prefix}scaling_layer.scale": SCALE}
-  for key, want in buffers.items():
-    if key in sub:
-      got = np.asarray(sub[key], np.float64).reshape(-1)
-      if got.shape != (3,) or not np.allclose(got, want, atol=1e-6):
-        raise ValueError(f"{key} is {got.tolist()}, LPIPS v0.1 uses "
-                         f"{list(want)}")
-  _check_keys({k: v for k, v in sub.items() if k not in buffers}, expected,
-              f"state dict under prefix {prefix!r}")
-  return _build_params(sub, vgg_keys, lin_keys, dtype)
+  return keymaps.lpips.reference_params(
+      state_dict, _abstract_params(), prefix=prefix, shift=SHIFT,
+      scale=SCALE, dtype=dtype)
 
 
 def _read(path: str | os.PathLike, what: str) -> Dict[str, np.ndarray]:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax import gpt as gpt_lib
+from vqgan_jax import kv_cache
+from vqgan_jax.keymaps import gpt as gpt_keymap
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any, Array], tuple[Array, Any]]
@@ -290,7 +292,7 @@ def decoding_model(model: gpt_lib.GPT, variables: Any
   """Unrolled-layer, no-remat inference copy of the model and variables."""
   if model.scan_layers:
     variables = dict(variables)
-    variables["params"] = gpt_lib.unstack_layers(variables["params"])
+    variables["params"] = gpt_keymap.unstack_layers(variables["params"])
   return model.clone(scan_layers=False, remat=False), variables
 
 
@@ -329,7 +331,7 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
                  top_p=top_p if use_top_p else None)
 
   if null_prefix is None:
-    cache = gpt_lib.init_cache(model, batch, first_length)
+    cache = kv_cache.init_cache(model, batch, first_length)
     logits, cache = run(prefix, cache, 0)
 
     def tokens_to_logits(token, cache, position):
@@ -337,7 +339,7 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
       return step_logits[:, 0], cache
 
     def prepare(cache, index):
-      return gpt_lib.resize_cache(cache, seg_lengths[index])
+      return kv_cache.resize_cache(cache, seg_lengths[index])
 
     return decode_loop(tokens_to_logits, cache, logits[:, -1], num_tokens,
                        rng, start_position=prefix_len, segments=seg_steps,
@@ -346,7 +348,7 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
   null_len = null_prefix.shape[1]
   if null_len == prefix_len:
     # One batch of 2B rows: conditional rows first, unconditional after.
-    cache = gpt_lib.init_cache(model, 2 * batch, first_length)
+    cache = kv_cache.init_cache(model, 2 * batch, first_length)
     logits, cache = run(jnp.concatenate([prefix, null_prefix]), cache, 0)
     first = _guided(logits[:batch, -1], logits[batch:, -1], guidance_scale)
 
@@ -358,13 +360,13 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
                      guidance_scale), cache
 
     def prepare(cache, index):
-      return gpt_lib.resize_cache(cache, seg_lengths[index])
+      return kv_cache.resize_cache(cache, seg_lengths[index])
   else:
     # Prefixes of different lengths sit at different positions: two caches.
     shift = null_len - prefix_len
     null_first = first_length + shift
-    cond_cache = gpt_lib.init_cache(model, batch, first_length)
-    null_cache = gpt_lib.init_cache(model, batch, null_first)
+    cond_cache = kv_cache.init_cache(model, batch, first_length)
+    null_cache = kv_cache.init_cache(model, batch, null_first)
     cond_logits, cond_cache = run(prefix, cond_cache, 0)
     null_logits, null_cache = run(null_prefix, null_cache, 0)
     first = _guided(cond_logits[:, -1], null_logits[:, -1], guidance_scale)
@@ -378,8 +380,8 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
               (cond_cache, null_cache))
 
     def prepare(caches, index):
-      return (gpt_lib.resize_cache(caches[0], seg_lengths[index]),
-              gpt_lib.resize_cache(caches[1], seg_lengths[index] + shift))
+      return (kv_cache.resize_cache(caches[0], seg_lengths[index]),
+              kv_cache.resize_cache(caches[1], seg_lengths[index] + shift))
 
   return decode_loop(tokens_to_logits, cache, first, num_tokens, rng,
                      start_position=prefix_len, segments=seg_steps,

@@ -45,8 +45,9 @@ VARIANTS = {
     # reference's function: an option, `gpt.mlp='gelu_tanh'`).
     "gelu_tanh": ({"mlp": "gelu_tanh"}, 1),
     # The step as autodiff differentiates it: jax.nn.gelu and flax's norms
-    # instead of `gpt.gelu_exact` and the lean norms, which keep one tensor
-    # for the backward pass where these keep three (the price of those).
+    # instead of `gpt_layers.gelu_exact` and the lean norms, which keep one
+    # tensor for the backward pass where these keep three (the price of
+    # those).
     "autodiff_backward": ({}, 1, "autodiff"),
 }
 
@@ -58,15 +59,15 @@ def _patched(patch):
     yield
     return
   import jax  # pylint: disable=import-outside-toplevel
-  from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
-  saved = gpt_lib.gelu_exact, gpt_lib._norm  # pylint: disable=protected-access
+  from vqgan_jax import gpt_layers  # pylint: disable=import-outside-toplevel
+  saved = gpt_layers.gelu_exact, gpt_layers.make_norm
   norm = saved[1]
-  gpt_lib.gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
-  gpt_lib._norm = lambda *a, lean=True, **k: norm(*a, lean=False, **k)  # pylint: disable=protected-access
+  gpt_layers.gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+  gpt_layers.make_norm = lambda *a, lean=True, **k: norm(*a, lean=False, **k)
   try:
     yield
   finally:
-    gpt_lib.gelu_exact, gpt_lib._norm = saved  # pylint: disable=protected-access
+    gpt_layers.gelu_exact, gpt_layers.make_norm = saved
 
 
 def compile_variant_step(variant, cfg, layout, model, tx, state, data):

@@ -47,7 +47,7 @@ def main(argv=None):
   import optax  # pylint: disable=import-outside-toplevel
   from benchmarks import refcompat  # pylint: disable=import-outside-toplevel
   from benchmarks import suite  # pylint: disable=import-outside-toplevel
-  from vqgan_jax import gpt as gpt_lib  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import losses  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import schema  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import transformer_trainer as tt  # pylint: disable=import-outside-toplevel
 
@@ -96,8 +96,8 @@ def main(argv=None):
 
   def loss(params, batch):
     seq = jnp.concatenate([batch["cond"], batch["codes"][:, 0]], 1)[:, :-1]
-    return gpt_lib.token_loss(model.apply({"params": params}, seq),
-                              batch["codes"][:, 0])
+    return losses.token_loss(model.apply({"params": params}, seq),
+                             batch["codes"][:, 0])
 
   def no_guard(state, batch):
     value, grads = jax.value_and_grad(loss)(state["params"], batch)

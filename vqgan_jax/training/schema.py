@@ -207,13 +207,6 @@ def check_optim(config) -> None:
 # ----------------------------------------------------------------------------
 # conditioning and GPT (stage 2)
 
-# config.gpt fields that make another model; resuming a workdir trained with
-# other values is refused (checkpoints.check_resume). Other shape changes
-# (block_size, vocabulary) are caught from the checkpoint's stored shapes.
-GPT_ARCH = ("n_layer", "n_head", "n_embd", "n_unmasked", "norm", "mlp",
-            "position_embedding")
-
-
 def _conditioning_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       kind="class",          # 'sos' | 'class' | 'codes' | 'coord'
@@ -264,17 +257,11 @@ def check_conditioning(config) -> None:
 
 
 def _check_gpt(config) -> None:
-  """Head width and the named GPT options."""
+  """The GPT options, as declared in `vqgan_jax.gpt.OPTIONS`, and the head
+  width."""
   from vqgan_jax import gpt as gpt_lib  # pylint: disable=g-import-not-at-top
-  g = config.gpt
-  if g.n_embd % g.n_head:
-    raise ConfigError(f"config.gpt.n_embd={g.n_embd} is not divisible by "
-                      f"config.gpt.n_head={g.n_head}; use a multiple of "
-                      f"{g.n_head}")
-  for field, valid in (("norm", gpt_lib.NORMS), ("mlp", gpt_lib.MLPS),
-                       ("position_embedding", gpt_lib.POSITION_EMBEDDINGS),
-                       ("remat_policy", gpt_lib.REMAT_POLICIES)):
-    _choice(f"gpt.{field}", g[field], valid)
+  with as_config_error():
+    gpt_lib.check_options(config.gpt)
 
 
 # ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from vqgan_jax import codes as codes_lib
 from vqgan_jax import conditioning as cond_lib
 from vqgan_jax import config_io
 from vqgan_jax import gpt as gpt_lib
+from vqgan_jax import losses as losses_lib
 from vqgan_jax import sampling
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import digest
@@ -57,6 +58,24 @@ def peak_tflops(config) -> Optional[float]:
 learning_rate = loop.learning_rate
 
 
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """True exactly for the weights the reference decays (Linear weights).
+
+  Biases, LayerNorm scales, the token embedding and `pos_emb` are not
+  decayed, as in the reference's `configure_optimizers`.
+
+  Args:
+    params: GPT params (either layer layout).
+
+  Returns:
+    A pytree of bools with the structure of `params`.
+  """
+  def is_kernel(path, _):
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   o = config.optim
   lr = learning_rate(config)
@@ -74,7 +93,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
   parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2,
                            weight_decay=o.weight_decay,
-                           mask=gpt_lib.weight_decay_mask))
+                           mask=weight_decay_mask))
   tx = optax.chain(*parts)
   if o.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
@@ -123,6 +142,7 @@ def build_model(config, layout: Layout) -> gpt_lib.GPT:
     raise ValueError(f"config.gpt.block_size={block} is shorter than the "
                      f"sequence ({layout.cond_len} conditioning + "
                      f"{layout.image_len} image tokens - 1 = {need})")
+  gpt_lib.check_options(g)
   if g.get("position_embedding") == "rope2d":
     if config.permuter != "identity":
       raise ValueError("config.gpt.position_embedding='rope2d' places tokens "
@@ -161,8 +181,8 @@ def make_train_step(model, tx, config, layout: Layout) -> Callable:
     logits = model.apply({"params": params}, inputs, deterministic=not train,
                          rngs={"dropout": r_drop} if train else None)
     logits = logits[:, start:]
-    return gpt_lib.token_loss(logits, targets), gpt_lib.token_accuracy(
-        logits, targets)
+    return (losses_lib.token_loss(logits, targets),
+            losses_lib.token_accuracy(logits, targets))
 
   def step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -346,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   schema.validate_transformer(config)
   workdir = os.path.abspath(workdir)
   checkpoints.check_resume(  # another architecture in this workdir: exit 2
-      workdir, config.gpt.to_dict(), schema.GPT_ARCH,
+      workdir, config.gpt.to_dict(), gpt_lib.ARCH_FIELDS,
       section=("train_config", "gpt"))
   mesh = shard_lib.make_mesh(config.mesh.to_dict())
   n_dev = mesh.devices.size
