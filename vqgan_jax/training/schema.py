@@ -224,18 +224,17 @@ def _conditioning_defaults() -> ml_collections.ConfigDict:
 
 
 def _gpt_defaults() -> ml_collections.ConfigDict:
+  """The reference's class-conditional ImageNet GPT (48 x 1536).
+
+  The options beyond the sizes (dropout, remat, norm, mlp, position
+  embedding, ...) and their defaults are `vqgan_jax.gpt.OPTIONS`.
+  """
+  from vqgan_jax import gpt as gpt_lib  # pylint: disable=g-import-not-at-top
   g = ml_collections.ConfigDict(dict(
       n_layer=48, n_head=24, n_embd=1536, block_size=0,  # 0: fit the sequence
-      embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0,
-      dtype="float32", param_dtype="float32", remat=False, scan_layers=False,
-      # with remat: 'full' | 'attention' | 'dots' (gpt.REMAT_POLICIES: what
-      # each block keeps for the backward pass).
-      remat_policy="full", attention_impl=None,
-      # Options beyond the reference (defaults = the reference's block):
-      # norm 'layernorm'|'rmsnorm', mlp 'gelu'|'gelu_tanh'|'swiglu', position_embedding
-      # 'learned'|'rope'|'rope2d' (2D rotary over the code grid), zero_head.
-      norm="layernorm", mlp="gelu", position_embedding="learned",
-      rope_base=10000.0, zero_head=False))
+      dtype="float32", param_dtype="float32"))
+  for name, option in gpt_lib.OPTIONS.items():
+    g[name] = option.default
   g.attention_impl = ml_collections.FieldReference(None, field_type=str)
   return g
 
