@@ -40,20 +40,31 @@ def conv_nhwc(h, kernel, bias):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def jax_generator_step(lpips_model, disc_model, lpips_vars, disc_vars, x, h,
                        kernel, bias, q_loss, step):
-  """Loss, metrics, new batch_stats and d loss / d (kernel, h)."""
+  """Loss, metrics, new batch_stats and d loss / d (kernel, h), from the
+  trainer's generator objective with ``h`` as the trunk's output."""
 
-  def loss_fn(kernel, h):
-    return losses.vqgan_generator_loss(
-        x, lambda k: conv_nhwc(h, k, bias), kernel, q_loss, step,
-        disc_fn=lambda r: disc_model.apply(disc_vars, r, train=True,
-                                           mutable=["batch_stats"]),
-        perceptual_fn=lambda a, b: jlpips.lpips_distance(
-            lpips_model, lpips_vars, a, b),
-        disc_has_aux=True, **CONFIG)
+  def nll_fn(rec):
+    return losses.reconstruction_loss(
+        x, rec, lambda a, b: jlpips.lpips_distance(lpips_model, lpips_vars,
+                                                   a, b),
+        perceptual_weight=CONFIG["perceptual_weight"])
 
-  (loss, (metrics, upd)), grads = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(kernel, h)
-  return loss, metrics, upd["batch_stats"], grads
+  def gan_fn(rec):
+    logits, upd = disc_model.apply(disc_vars, rec, train=True,
+                                   mutable=["batch_stats"])
+    return losses.generator_gan_loss(logits), upd
+
+  factor = losses.adopt_weight(CONFIG["disc_factor"], step, DISC_START)
+  loss, (g_h, (g_kernel, _)), t = losses.vqgan_generator_loss_and_grads(
+      lambda h: ((h, q_loss), None), h, lambda k, b, h: conv_nhwc(h, k, b),
+      (kernel, bias), nll_fn, gan_fn, disc_factor=factor,
+      codebook_weight=CONFIG["codebook_weight"],
+      disc_weight=CONFIG["disc_weight"])
+  metrics = {"nll_loss": t.nll_loss, "rec_loss": t.nll_loss,
+             "p_loss": t.nll_aux["p_loss"], "g_loss": t.g_loss,
+             "d_weight": t.d_weight, "disc_factor": factor,
+             "q_loss": t.q_loss}
+  return loss, metrics, t.gan_aux["batch_stats"], (g_kernel, g_h)
 
 
 def rel_close(got, want, tol=1e-4, atol=1e-7):
@@ -127,12 +138,15 @@ def test_matches_reference_before_and_after_disc_start(monkeypatch,
     with torch.no_grad():
       d_t, d_log = ref(torch.tensor(q), torch.from_numpy(x), rec.detach(), 1,
                        step)
-    logits_real, logits_fake, _ = jdisc.discriminator_logits(
-        disc_model, disc_vars, to_nhwc(x),
-        jax.lax.stop_gradient(to_nhwc(rec.detach().numpy())))
-    d_loss, d_metrics = losses.vqgan_discriminator_loss(
-        logits_real, logits_fake, jnp.asarray(step), disc_start=DISC_START,
-        disc_loss=disc_loss)
+    disc_fn = lambda dp, s, im: disc_model.apply(
+        {"params": dp, **s}, im, train=True, mutable=["batch_stats"])
+    d_loss, _, d_terms = losses.vqgan_discriminator_loss_and_grads(
+        disc_fn, disc_vars["params"],
+        {"batch_stats": disc_vars["batch_stats"]}, to_nhwc(x),
+        jax.lax.stop_gradient(to_nhwc(rec.detach().numpy())),
+        jnp.asarray(step), disc_start=DISC_START, disc_loss=disc_loss)
+    d_metrics = {"disc_loss": d_loss, "logits_real": d_terms.logits_real,
+                 "logits_fake": d_terms.logits_fake}
     rel_close(d_loss, d_t.item())
     for name in ("disc_loss", "logits_real", "logits_fake"):
       rel_close(d_metrics[name], d_log[f"train/{name}"].item())
@@ -178,10 +192,17 @@ def test_generator_loss_crosses_disc_start_without_retracing():
   @jax.jit
   def step_fn(kernel, step):
     traces.append(step)
-    return losses.vqgan_generator_loss(
-        x, lambda k: h @ k, kernel, jnp.float32(0.5), step,
-        disc_fn=lambda r: jnp.tanh(r).sum(-1), perceptual_weight=0.0,
-        disc_start=3)
+    factor = losses.adopt_weight(1.0, step, 3)
+    loss, _, t = losses.vqgan_generator_loss_and_grads(
+        lambda h: ((h, jnp.float32(0.5)), None), h,
+        lambda k, b, h: h @ k + b, (kernel, jnp.zeros(3)),
+        lambda r: losses.reconstruction_loss(x, r, None,
+                                             perceptual_weight=0.0),
+        lambda r: (losses.generator_gan_loss(jnp.tanh(r).sum(-1)), None),
+        disc_factor=factor)
+    return loss, {"disc_factor": factor, "p_loss": t.nll_aux["p_loss"],
+                  "nll_loss": t.nll_loss, "g_loss": t.g_loss,
+                  "d_weight": t.d_weight}
 
   kernel = jnp.sin(jnp.arange(15.0)).reshape(5, 3) * 0.3
   before = step_fn(kernel, 2)[1]
@@ -199,8 +220,9 @@ def test_generator_loss_crosses_disc_start_without_retracing():
 def test_adaptive_weight_is_gradient_norm_ratio():
   # nll = 3 * sum(W), g = sum(W**2) / 2 -> grads 3 and W.
   kernel = jnp.asarray([[1.0, -2.0], [0.5, 2.0]])
-  got = losses.adaptive_weight_from_fns(
-      lambda k: 3.0 * k.sum(), lambda k: 0.5 * jnp.sum(k ** 2), kernel, 0.8)
+  got = losses.adaptive_disc_weight(
+      jax.grad(lambda k: 3.0 * k.sum())(kernel),
+      jax.grad(lambda k: 0.5 * jnp.sum(k ** 2))(kernel), 0.8)
   want = 6.0 / (np.sqrt(1 + 4 + 0.25 + 4) + 1e-4) * 0.8
   rel_close(got, want, 1e-6)
   # Clamped at 1e4 when the GAN gradient vanishes, then scaled.
@@ -226,20 +248,3 @@ def test_reconstruction_loss_weights_and_errors():
     losses.reconstruction_loss(x, y, None)
   with pytest.raises(ValueError, match="disc_loss"):
     losses.vqgan_discriminator_loss(x, y, 0, disc_loss="wgan")
-
-
-def test_bce_with_quant_matches_reference():
-  torch = oracle.torch()
-  oracle.taming()
-  from taming.modules.losses.segmentation import BCELossWithQuant
-  rng = np.random.default_rng(2)
-  pred = rng.normal(0, 5, (2, 6, 4, 4)).astype(np.float32)
-  target = np.eye(6, dtype=np.float32)[rng.integers(0, 6, (2, 4, 4))]
-  target = target.transpose(0, 3, 1, 2)
-  want, log = BCELossWithQuant(codebook_weight=0.3)(
-      torch.tensor(0.2), torch.from_numpy(target), torch.from_numpy(pred),
-      "train")
-  loss, metrics = losses.bce_with_quant_loss(
-      0.2, target.transpose(0, 2, 3, 1), pred.transpose(0, 2, 3, 1), 0.3)
-  rel_close(loss, want.item(), 1e-5)
-  rel_close(metrics["bce_loss"], log["train/bce_loss"].item(), 1e-5)

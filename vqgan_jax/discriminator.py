@@ -16,8 +16,8 @@ Each call normalises with its own batch statistics and moves the running
 statistics once. :func:`discriminator_logits` reproduces the two calls of the
 discriminator step by threading ``batch_stats`` through two ``apply`` calls
 (never one call on the concatenated batch, which would mix the statistics);
-:func:`vqgan_jax.losses.vqgan_generator_loss` receives the single generator
-call as a function that may return the updated ``batch_stats``.
+:func:`vqgan_jax.losses.vqgan_generator_loss_and_grads` receives the single
+generator call as a function that returns the updated ``batch_stats``.
 
 ActNorm (``use_actnorm=True``) replaces BatchNorm and, as in the reference,
 gives every conv a bias. Its ``loc``/``scale`` are parameters initialised

@@ -2,38 +2,38 @@
 
 Pure functions over arrays and callables, meant to be called inside one
 jitted training step: nothing branches in Python on a traced value (the
-training step only enters through ``jnp.where``), and every loss is float32
-whatever the model's compute dtype.
+step only enters through ``jnp.where``), and every loss is float32 whatever
+the model's compute dtype.
 
-The two entry points mirror the reference ``VQLPIPSWithDiscriminator.forward``:
-:func:`vqgan_generator_loss` (its ``optimizer_idx == 0``) and
-:func:`vqgan_discriminator_loss` (``optimizer_idx == 1``).
+The stage-1 trainer's step is composed of two entry points, which mirror
+the reference ``VQLPIPSWithDiscriminator.forward``:
 
-Generator step, as the trainer writes it (``decoder_features`` gives the
-decoder activations before ``conv_out``, ``conv_out(h, W)`` the last layer)::
+* :func:`vqgan_generator_loss_and_grads` (its ``optimizer_idx == 0``): the
+  generator loss with the adaptive GAN weight, and its gradients. The
+  generator is given as a trunk (everything before the decoder's last
+  conv) and a head (that conv), so that the weight's two kernel gradients
+  come from one forward and the VJPs of the two loss terms::
 
-  def loss_fn(gen_params):
-    h, q_loss = decoder_features(gen_params, x)
-    W = gen_params['decoder']['conv_out']['kernel']
-    return vqgan_generator_loss(
-        x, lambda W: conv_out(h, W), W, q_loss, step,
-        disc_fn=lambda r: disc.apply(sg_disc_vars, r, train=True,
-                                     mutable=['batch_stats']),
-        perceptual_fn=lambda a, b: lpips_distance(lpips, lpips_vars, a, b),
-        disc_has_aux=True, disc_start=..., disc_weight=...)
+    loss, (grads, (d_kernel, d_bias)), terms = vqgan_generator_loss_and_grads(
+        trunk_fn,           # params -> ((h, q_loss), aux)
+        params, conv_out,   # (kernel, bias, h) -> reconstructions
+        (kernel, bias),
+        lambda rec: reconstruction_loss(x, rec, perceptual_fn),
+        lambda rec: ...,    # rec -> (generator_gan_loss(D(rec)), aux)
+        disc_factor=adopt_weight(disc_factor, step, disc_start))
 
-  (loss, (metrics, disc_updates)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(gen_params)
+* :func:`vqgan_discriminator_loss_and_grads` (its ``optimizer_idx == 1``):
+  :func:`vqgan_discriminator_loss` plus the optional R1 and LeCam
+  regularisers, and its gradient w.r.t. the discriminator's parameters.
 
 BatchNorm. The reference runs its discriminator in train mode: in the
-generator step once on the reconstructions, in the discriminator step once on
-the real images and once on the reconstructions, each call normalising with
-its own batch statistics and moving the running statistics. Passing
-``disc_fn`` that applies the discriminator with ``train=True`` and
-``mutable=['batch_stats']`` (returning ``(logits, updates)`` with
-``disc_has_aux=True``) reproduces the generator-step call, and
-:func:`vqgan_jax.discriminator.discriminator_logits` the two
-discriminator-step calls; their logits feed :func:`vqgan_discriminator_loss`.
+generator step once on the reconstructions, in the discriminator step once
+on the real images and once on the reconstructions, each call normalising
+with its own batch statistics and moving the running statistics. The
+generator's GAN function applies the discriminator with ``train=True`` and
+``mutable=['batch_stats']`` (returning the updates as its aux), and the
+discriminator objective threads ``batch_stats`` through its real and fake
+calls (as :func:`vqgan_jax.discriminator.discriminator_logits` does).
 
 Known differences from the reference, all deliberate:
   * The adaptive weight is always computed (the reference falls back to 0
@@ -43,7 +43,7 @@ Known differences from the reference, all deliberate:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -158,27 +158,6 @@ def adaptive_disc_weight(nll_grad: Any, g_grad: Any,
   return weight * _f32(disc_weight)
 
 
-def adaptive_weight_from_fns(nll_fn: Callable[[Array], Array],
-                             g_fn: Callable[[Array], Array],
-                             last_layer_kernel: Array,
-                             disc_weight: float = 1.0) -> Array:
-  """The adaptive weight from two losses written as functions of the kernel.
-
-  Args:
-    nll_fn: ``kernel -> scalar`` reconstruction loss.
-    g_fn: ``kernel -> scalar`` generator GAN loss.
-    last_layer_kernel: the decoder's final conv kernel (the reference's
-      ``last_layer``).
-    disc_weight: extra factor.
-
-  Returns:
-    float32 scalar, see :func:`adaptive_disc_weight`.
-  """
-  nll_grad = jax.grad(nll_fn)(last_layer_kernel)
-  g_grad = jax.grad(g_fn)(last_layer_kernel)
-  return adaptive_disc_weight(nll_grad, g_grad, disc_weight)
-
-
 def reconstruction_loss(
     inputs: Array, reconstructions: Array,
     perceptual_fn: Optional[Callable[[Array, Array], Array]] = None, *,
@@ -215,90 +194,6 @@ def reconstruction_loss(
     p_loss = jnp.zeros((), jnp.float32)
   nll = _f32(pixelloss_weight) * l1 + _f32(perceptual_weight) * p_loss
   return nll, {"l1_loss": l1, "p_loss": p_loss}
-
-
-def vqgan_generator_loss(
-    inputs: Array,
-    reconstruct_fn: Callable[[Array], Array],
-    last_layer_kernel: Array,
-    q_loss: Array,
-    step: Any,
-    disc_fn: Callable[[Array], Any],
-    perceptual_fn: Optional[Callable[[Array, Array], Array]] = None,
-    *,
-    codebook_weight: float = 1.0,
-    pixelloss_weight: float = 1.0,
-    perceptual_weight: float = 1.0,
-    disc_weight: float = 1.0,
-    disc_factor: float = 1.0,
-    disc_start: int = 0,
-    disc_has_aux: bool = False,
-) -> Tuple[Array, Any]:
-  """Autoencoder loss of the VQGAN (the reference's ``optimizer_idx == 0``).
-
-  ``loss = nll + d_weight * adopt_weight(disc_factor) * g + codebook_weight *
-  q_loss`` with ``g = -mean(D(reconstructions))`` and ``d_weight`` the
-  stop-gradient ratio of the gradient norms of ``nll`` and ``g`` w.r.t. the
-  last layer (:func:`adaptive_disc_weight`). The reconstruction is written
-  as a function of the last kernel so that both gradients come from
-  ``jax.value_and_grad``; the decoder body, LPIPS and the discriminator each
-  run once. Gradients w.r.t. whatever the callables close over (generator
-  parameters) flow through ``loss`` as usual.
-
-  Args:
-    inputs: (B, H, W, C) target images.
-    reconstruct_fn: ``kernel -> (B, H, W, C)`` reconstructions; applies the
-      decoder's final conv with the given kernel to fixed features.
-    last_layer_kernel: that conv's kernel.
-    q_loss: quantizer (codebook) loss, scalar or array (averaged).
-    step: global step (may be traced).
-    disc_fn: ``reconstructions -> logits`` or, with ``disc_has_aux``,
-      ``-> (logits, aux)`` (e.g. the discriminator's ``batch_stats``
-      updates). Stop the gradient of the discriminator parameters yourself
-      if you differentiate w.r.t. them.
-    perceptual_fn: ``(inputs, reconstructions) -> (B,)`` LPIPS distances.
-    codebook_weight: weight of ``q_loss``.
-    pixelloss_weight: weight of the L1 term.
-    perceptual_weight: weight of LPIPS (0 disables it).
-    disc_weight: the reference's ``disc_weight`` (scales ``d_weight``).
-    disc_factor: GAN factor from ``disc_start`` on.
-    disc_start: first step with the GAN term.
-    disc_has_aux: whether ``disc_fn`` returns ``(logits, aux)``.
-
-  Returns:
-    ``(loss, metrics)``, or ``(loss, (metrics, aux))`` with ``disc_has_aux``.
-    ``metrics`` (float32 scalars): ``total_loss``, ``nll_loss``,
-    ``rec_loss`` (the reference's, equal to ``nll_loss``), ``l1_loss``,
-    ``p_loss``, ``g_loss``, ``d_weight``, ``disc_factor``, ``q_loss``.
-  """
-  x = _f32(inputs)
-
-  def nll_fn(kernel):
-    return reconstruction_loss(x, reconstruct_fn(kernel), perceptual_fn,
-                               perceptual_weight=perceptual_weight,
-                               pixelloss_weight=pixelloss_weight)
-
-  def g_fn(kernel):
-    out = disc_fn(reconstruct_fn(kernel))
-    logits, aux = out if disc_has_aux else (out, None)
-    return generator_gan_loss(logits), aux
-
-  (nll, parts), nll_grad = jax.value_and_grad(nll_fn, has_aux=True)(
-      last_layer_kernel)
-  (g_loss, aux), g_grad = jax.value_and_grad(g_fn, has_aux=True)(
-      last_layer_kernel)
-  d_weight = adaptive_disc_weight(nll_grad, g_grad, disc_weight)
-  factor = adopt_weight(disc_factor, step, disc_start)
-  q = jnp.mean(_f32(q_loss))
-  loss = nll + d_weight * factor * g_loss + _f32(codebook_weight) * q
-  metrics = {
-      "total_loss": loss, "nll_loss": nll, "rec_loss": nll,
-      "l1_loss": parts["l1_loss"], "p_loss": parts["p_loss"],
-      "g_loss": g_loss, "d_weight": d_weight, "disc_factor": factor,
-      "q_loss": q,
-  }
-  metrics = jax.tree_util.tree_map(jax.lax.stop_gradient, metrics)
-  return loss, ((metrics, aux) if disc_has_aux else metrics)
 
 
 def vqgan_discriminator_loss(logits_real: Array, logits_fake: Array,
@@ -442,40 +337,190 @@ def gan_warmup_factor(step: Any, disc_start: int, warmup_steps: int,
   return jnp.clip(s / _f32(warmup_steps), 0.0, 1.0)
 
 
-def sigmoid_bce_with_logits(logits: Array, targets: Array) -> Array:
-  """Mean binary cross-entropy of logits against targets in [0, 1].
+# ----------------------------------------------------------------------------
+# The two objectives of one stage-1 train step.
 
-  Args:
-    logits: raw scores.
-    targets: probabilities of the same shape.
 
-  Returns:
-    float32 scalar, computed stably as
-    ``max(x, 0) - x * t + log1p(exp(-|x|))``.
+class GeneratorTerms(NamedTuple):
+  """What :func:`vqgan_generator_loss_and_grads` computed on the way.
+
+  ``nll_loss``, ``g_loss``, ``d_weight``, ``q_loss`` are float32 scalars;
+  ``rec`` the reconstructions; ``trunk_aux``, ``nll_aux``, ``gan_aux`` the
+  auxiliary outputs of the trunk, NLL and GAN functions.
   """
-  x, t = _f32(logits), _f32(targets)
-  return jnp.mean(jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))))
+  nll_loss: Array
+  g_loss: Array
+  d_weight: Array
+  q_loss: Array
+  rec: Array
+  trunk_aux: Any
+  nll_aux: Any
+  gan_aux: Any
 
 
-def bce_with_quant_loss(q_loss: Array, targets: Array, predictions: Array,
-                        codebook_weight: float = 1.0
-                        ) -> Tuple[Array, Metrics]:
-  """Segmentation-map VQGAN loss (the reference's ``BCELossWithQuant``).
+def vqgan_generator_loss_and_grads(
+    trunk_fn: Callable[[Any], Tuple[Tuple[Array, Array], Any]],
+    params: Any,
+    head_fn: Callable[[Array, Array, Array], Array],
+    head: Tuple[Array, Array],
+    nll_fn: Callable[[Array], Tuple[Array, Any]],
+    gan_fn: Callable[[Array], Tuple[Array, Any]],
+    *,
+    disc_factor: Any,
+    warmup: Any = 1.0,
+    codebook_weight: float = 1.0,
+    disc_weight: float = 1.0,
+    gan_weight: Optional[float] = None,
+) -> Tuple[Array, Tuple[Any, Tuple[Array, Array]], GeneratorTerms]:
+  """The VQGAN's generator loss and its gradients (reference ``optimizer_idx == 0``).
+
+  ``loss = nll + d_weight * disc_factor * warmup * g + codebook_weight *
+  q_loss`` with ``g = -mean(D(rec))`` and ``d_weight`` the stop-gradient
+  ratio of the gradient norms of ``nll`` and ``g`` w.r.t. the last conv
+  kernel (:func:`adaptive_disc_weight`), or ``gan_weight`` when given.
+
+  The generator is split at its last conv: ``trunk_fn(params) -> ((h,
+  q_loss), aux)`` runs everything up to it and ``head_fn(kernel, bias, h) ->
+  rec`` is the conv. Each part runs forward once. The NLL (L1 + LPIPS) and
+  the GAN term each get one backward pass to ``d loss / d rec``; the head's
+  VJP maps both to kernel gradients (for the adaptive weight) and their
+  weighted sum to ``(d kernel, d bias, d h)``; the trunk's VJP carries ``d
+  h`` and ``codebook_weight`` (for ``q_loss``) into ``params``. The result
+  equals ``jax.grad`` of ``loss`` with ``d_weight`` held constant.
 
   Args:
-    q_loss: quantizer loss (scalar or averaged array).
-    targets: one-hot maps (B, H, W, n_classes).
-    predictions: reconstruction logits, same shape.
+    trunk_fn: ``params -> ((h, q_loss), aux)``: features before the last
+      conv and the scalar quantizer loss.
+    params: what ``trunk_fn`` differentiates (the generator's parameters).
+    head_fn: ``(kernel, bias, h) -> rec``: the last conv, float32 output.
+    head: ``(kernel, bias)`` of that conv.
+    nll_fn: ``rec -> (nll, aux)``: the reconstruction loss
+      (:func:`reconstruction_loss` with the targets bound).
+    gan_fn: ``rec -> (g, aux)``: the generator GAN term
+      (:func:`generator_gan_loss` of the discriminator's logits; ``aux``
+      e.g. its ``batch_stats`` updates). Stop the gradient of the
+      discriminator's parameters yourself.
+    disc_factor: GAN factor (:func:`adopt_weight` of ``disc_start``; may be
+      traced).
+    warmup: GAN warm-up factor (:func:`gan_warmup_factor`).
     codebook_weight: weight of ``q_loss``.
+    disc_weight: the reference's ``disc_weight`` (scales the adaptive
+      weight).
+    gan_weight: a fixed ``d_weight`` instead of the adaptive one.
 
   Returns:
-    ``(loss, {'total_loss', 'bce_loss', 'quant_loss'})``.
+    ``(loss, (trunk_grads, (d_kernel, d_bias)), terms)``: ``trunk_grads``
+    has the structure of ``params`` (zero where ``trunk_fn`` does not read,
+    e.g. the head's own entries); ``terms`` is a :class:`GeneratorTerms`.
   """
-  bce = sigmoid_bce_with_logits(predictions, targets)
-  q = jnp.mean(_f32(q_loss))
-  loss = bce + _f32(codebook_weight) * q
-  metrics = {"total_loss": loss, "bce_loss": bce, "quant_loss": q}
-  return loss, jax.tree_util.tree_map(jax.lax.stop_gradient, metrics)
+  (h, q_loss), trunk_vjp, trunk_aux = jax.vjp(trunk_fn, params, has_aux=True)
+  rec, head_vjp = jax.vjp(head_fn, head[0], head[1], h)
+  nll, nll_vjp, nll_aux = jax.vjp(nll_fn, rec, has_aux=True)
+  g_loss, gan_vjp, gan_aux = jax.vjp(gan_fn, rec, has_aux=True)
+  d_nll, = nll_vjp(jnp.ones_like(nll))
+  d_g, = gan_vjp(jnp.ones_like(g_loss))
+  if gan_weight is not None:
+    d_weight = jnp.asarray(gan_weight, jnp.float32)
+  else:
+    d_weight = adaptive_disc_weight(head_vjp(d_nll)[0], head_vjp(d_g)[0],
+                                    disc_weight)
+  coef = d_weight * disc_factor * warmup
+  loss = nll + coef * g_loss + codebook_weight * q_loss
+  d_kernel, d_bias, d_h = head_vjp(d_nll + coef * d_g)
+  trunk_grads, = trunk_vjp((d_h, jnp.asarray(codebook_weight, q_loss.dtype)))
+  terms = GeneratorTerms(nll, g_loss, d_weight, q_loss, rec, trunk_aux,
+                         nll_aux, gan_aux)
+  return loss, (trunk_grads, (d_kernel, d_bias)), terms
+
+
+class DiscriminatorTerms(NamedTuple):
+  """What :func:`vqgan_discriminator_loss_and_grads` computed on the way.
+
+  ``disc_state``: the discriminator's collections after the real and the
+  fake call; ``logits_real``/``logits_fake``: batch means; ``regs``: the
+  regulariser values that are on (``r1_penalty``, ``lecam_loss``);
+  ``lecam_ema``: the updated LeCam running means (None when LeCam is off).
+  """
+  disc_state: Any
+  logits_real: Array
+  logits_fake: Array
+  regs: Dict[str, Array]
+  lecam_ema: Optional[Dict[str, Array]]
+
+
+def vqgan_discriminator_loss_and_grads(
+    disc_fn: Callable[[Any, Any, Array], Tuple[Array, Any]],
+    disc_params: Any,
+    disc_state: Any,
+    real: Array,
+    fake: Array,
+    step: Any,
+    *,
+    disc_factor: float = 1.0,
+    disc_start: int = 0,
+    disc_loss: str = "hinge",
+    r1_weight: float = 0.0,
+    lecam_weight: float = 0.0,
+    lecam_ema: Optional[Dict[str, Array]] = None,
+    lecam_decay: float = 0.999,
+) -> Tuple[Array, Any, DiscriminatorTerms]:
+  """The discriminator's loss with its regularisers, and its gradient.
+
+  :func:`vqgan_discriminator_loss` on one train-mode call on ``real`` then
+  one on ``fake`` (the second sees the first one's ``batch_stats``, as in
+  the reference), plus ``factor * (lecam_weight * lecam_penalty + r1_weight
+  * r1_penalty)`` where ``factor`` is the GAN factor (the regularisers train
+  D only when its loss does). R1 reuses the real call's logits.
+
+  Args:
+    disc_fn: ``(params, state, images) -> (logits, new_state)``: the
+      discriminator in train mode with its non-parameter collections
+      mutable.
+    disc_params: what the gradient is taken of.
+    disc_state: its other collections (``batch_stats``).
+    real: (B, H, W, C) real images.
+    fake: reconstructions, gradient stopped.
+    step: global step (may be traced).
+    disc_factor: factor from ``disc_start`` on.
+    disc_start: first step with a non-zero loss.
+    disc_loss: ``'hinge'`` or ``'vanilla'``.
+    r1_weight: weight of :func:`r1_penalty` (0: off).
+    lecam_weight: weight of :func:`lecam_penalty` (0: off).
+    lecam_ema: ``{'real', 'fake'}`` running means (needed with LeCam).
+    lecam_decay: their decay (:func:`lecam_ema_update`).
+
+  Returns:
+    ``(loss, grads, terms)``: ``grads`` has the structure of
+    ``disc_params``; ``terms`` is a :class:`DiscriminatorTerms`.
+  """
+  factor = adopt_weight(disc_factor, step, disc_start)
+
+  def loss_fn(dp):
+    real_fn = lambda im: disc_fn(dp, disc_state, im)
+    regs = {}
+    if r1_weight:
+      regs["r1_penalty"], (logits_real, upd) = r1_penalty(real_fn, real,
+                                                          has_aux=True)
+    else:
+      logits_real, upd = real_fn(real)
+    logits_fake, upd = disc_fn(dp, upd, fake)
+    loss, m = vqgan_discriminator_loss(
+        logits_real, logits_fake, step, disc_factor=disc_factor,
+        disc_start=disc_start, disc_loss=disc_loss)
+    ema = None
+    if lecam_weight:
+      regs["lecam_loss"] = lecam_penalty(logits_real, logits_fake,
+                                         lecam_ema["real"], lecam_ema["fake"])
+      ema = lecam_ema_update(lecam_ema, logits_real, logits_fake,
+                             lecam_decay)
+    loss = loss + factor * (lecam_weight * regs.get("lecam_loss", 0.0) +
+                            r1_weight * regs.get("r1_penalty", 0.0))
+    return loss, DiscriminatorTerms(upd, m["logits_real"], m["logits_fake"],
+                                    regs, ema)
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      disc_params)
+  return loss, grads, terms
 
 
 # ----------------------------------------------------------------------------

@@ -133,30 +133,16 @@ def _global_norm(tree) -> jax.Array:
                       for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
-                    ) -> Callable:
-  """Returns ``step(state, batch, lpips_vars) -> (state, metrics)``."""
-  lc = config.loss
-  ema = config.optim.ema_decay
-  n_embed = model.n_embed
-  fixed_gan_weight = lc.get("gan_weight_mode", "adaptive") == "fixed"
-  lecam_weight = float(lc.get("lecam_weight", 0.0))
-  r1_weight = float(lc.get("r1_weight", 0.0))
+def _generator_grads(model, disc, lc, lpips_model) -> Callable:
+  """``(state, x, rng, lpips_vars, disc_factor, warmup) -> (loss, grads,
+  terms)``: :func:`losses.vqgan_generator_loss_and_grads` of the VQGAN split
+  at ``decoder/conv_out``. The trunk's aux is ``(indices, quantizer_stats)``
+  (an EMA codebook updates its statistics from this global batch), the GAN
+  term's the discriminator's ``batch_stats`` after the call."""
+  fixed = lc.get("gan_weight_mode", "adaptive") == "fixed"
 
-  def step(state, batch, lpips_vars):
-    x = batch["image"].astype(jnp.float32)
-    rng = jax.random.fold_in(state["rng"], state["step"])
+  def generator(state, x, rng, lpips_vars, disc_factor, warmup):
     r_drop, r_drop2, r_gumbel = jax.random.split(rng, 3)
-    disc_factor = losses.adopt_weight(lc.disc_factor, state["step"],
-                                      lc.disc_start)
-    warmup = losses.gan_warmup_factor(state["step"], lc.disc_start,
-                                      lc.get("disc_warmup_steps", 0),
-                                      lc.get("disc_warmup_mode", "hold"))
-    params = state["params"]
-    dparams = state["disc_params"]
-
-    # Generator up to the last conv, with a VJP for the backward pass. An
-    # EMA codebook updates its 'quantizer_stats' from this (global) batch.
     qstats = state.get("quantizer_stats")
 
     def trunk(p):
@@ -175,15 +161,9 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
                       method=model.decode_features, rngs={"dropout": r_drop2})
       return (h, aux["q_loss"]), (aux["indices"], new_qstats)
 
-    (h, q_loss), trunk_vjp, (indices, new_qstats) = jax.vjp(
-        trunk, params, has_aux=True)
-    head = params["decoder"]["conv_out"]
-
-    def apply_head(kernel, bias, h):
+    def head(kernel, bias, h):
       return modules.conv2d(h, kernel, bias, dtype=model.dtype).astype(
           jnp.float32)
-
-    rec, head_vjp = jax.vjp(apply_head, head["kernel"], head["bias"], h)
 
     def perceptual(a, b):
       if a.shape[-1] == 1:  # LPIPS-VGG wants RGB
@@ -198,66 +178,56 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
 
     def gan_term(rec):
       logits_fake, new_stats = disc.apply(
-          {"params": dparams, **state["disc_state"]}, rec, train=True,
-          mutable=list(state["disc_state"].keys()))
+          {"params": state["disc_params"], **state["disc_state"]}, rec,
+          train=True, mutable=list(state["disc_state"].keys()))
       return losses.generator_gan_loss(logits_fake), new_stats
 
-    # The gradient of each term w.r.t. the reconstruction, each from one
-    # backward pass (LPIPS for the first, the discriminator for the second);
-    # their images under the last conv's VJP are the kernel gradients the
-    # adaptive weight compares, and their weighted sum continues into the
-    # decoder.
-    nll, nll_vjp, (l1, p_loss) = jax.vjp(nll_term, rec, has_aux=True)
-    g_loss, gan_vjp, disc_state = jax.vjp(gan_term, rec, has_aux=True)
-    d_nll, = nll_vjp(jnp.ones_like(nll))
-    d_g, = gan_vjp(jnp.ones_like(g_loss))
-    nll_grad_w = head_vjp(d_nll)[0]
-    g_grad_w = head_vjp(d_g)[0]
-    if fixed_gan_weight:
-      d_weight = jnp.asarray(lc.gan_weight, jnp.float32)
-    else:
-      d_weight = losses.adaptive_disc_weight(nll_grad_w, g_grad_w,
-                                             lc.disc_weight)
-    coef = d_weight * disc_factor * warmup
-    loss = nll + coef * g_loss + lc.codebook_weight * q_loss
-    g_kernel, g_bias, g_h = head_vjp(d_nll + coef * d_g)
-    grads, = trunk_vjp((g_h, jnp.asarray(lc.codebook_weight, q_loss.dtype)))
-    grads["decoder"]["conv_out"] = {"kernel": g_kernel, "bias": g_bias}
+    conv_out = state["params"]["decoder"]["conv_out"]
+    loss, (grads, (d_kernel, d_bias)), terms = (
+        losses.vqgan_generator_loss_and_grads(
+            trunk, state["params"], head,
+            (conv_out["kernel"], conv_out["bias"]), nll_term, gan_term,
+            disc_factor=disc_factor, warmup=warmup,
+            codebook_weight=lc.codebook_weight, disc_weight=lc.disc_weight,
+            gan_weight=lc.gan_weight if fixed else None))
+    grads["decoder"]["conv_out"] = {"kernel": d_kernel, "bias": d_bias}
+    return loss, grads, terms
 
-    # Discriminator on the same reconstructions.
-    fake = jax.lax.stop_gradient(rec)
+  return generator
 
-    def disc_loss_fn(dp):
-      variables = {"params": dp, **disc_state}
-      real_fn = lambda im: disc.apply(variables, im, train=True,
-                                      mutable=list(disc_state.keys()))
-      regs = {}
-      if r1_weight:
-        regs["r1_penalty"], (lr_, upd) = losses.r1_penalty(real_fn, x,
-                                                           has_aux=True)
-      else:
-        lr_, upd = real_fn(x)
-      lf_, upd = disc.apply({"params": dp, **upd}, fake, train=True,
-                            mutable=list(disc_state.keys()))
-      d_loss, m = losses.vqgan_discriminator_loss(
-          lr_, lf_, state["step"], disc_factor=lc.disc_factor,
-          disc_start=lc.disc_start, disc_loss=lc.disc_loss)
-      if lecam_weight:
-        ema_ = state["lecam_ema"]
-        regs["lecam_loss"] = losses.lecam_penalty(lr_, lf_, ema_["real"],
-                                                  ema_["fake"])
-        regs["lecam_ema"] = losses.lecam_ema_update(ema_, lr_, lf_,
-                                                    lc.lecam_decay)
-      # The regularisers train D only when its loss does (from disc_start).
-      d_loss = d_loss + disc_factor * (
-          lecam_weight * regs.get("lecam_loss", 0.0) +
-          r1_weight * regs.get("r1_penalty", 0.0))
-      return d_loss, (upd, m["logits_real"], m["logits_fake"], regs)
 
-    (d_loss, (disc_state, logits_real, logits_fake, regs)), d_grads = (
-        jax.value_and_grad(disc_loss_fn, has_aux=True)(dparams))
+def _discriminator_grads(disc, lc) -> Callable:
+  """``(state, x, fake, disc_state) -> (loss, grads, terms)``:
+  :func:`losses.vqgan_discriminator_loss_and_grads` from ``disc_state`` (the
+  collections after the generator's call)."""
+  lecam_weight = float(lc.get("lecam_weight", 0.0))
+  r1_weight = float(lc.get("r1_weight", 0.0))
 
-    # Apply both updates unless something is not finite.
+  def discriminator(state, x, fake, disc_state):
+    keys = list(disc_state.keys())
+    disc_fn = lambda dp, s, im: disc.apply({"params": dp, **s}, im,
+                                           train=True, mutable=keys)
+    return losses.vqgan_discriminator_loss_and_grads(
+        disc_fn, state["disc_params"], disc_state, x, fake, state["step"],
+        disc_factor=lc.disc_factor, disc_start=lc.disc_start,
+        disc_loss=lc.disc_loss, r1_weight=r1_weight,
+        lecam_weight=lecam_weight, lecam_ema=state.get("lecam_ema"),
+        lecam_decay=lc.get("lecam_decay", 0.999))
+
+  return discriminator
+
+
+def _guarded_update(tx_g, tx_d, ema) -> Callable:
+  """``(state, g, d) -> (state, finite, grad norms)``: both optimizer steps
+  (and the EMA codebook and parameter EMA), applied only when the losses
+  and gradient norms are all finite; otherwise the state stays as it was
+  and ``bad_steps`` counts up. ``g``/``d`` are ``(loss, grads, terms)``."""
+
+  def update(state, g, d):
+    (loss, grads, gt), (d_loss, d_grads, dt) = g, d
+    params, dparams = state["params"], state["disc_params"]
+    qstats = state.get("quantizer_stats")
+    new_qstats = gt.trunk_aux[1]
     g_norm, d_norm = _global_norm(grads), _global_norm(d_grads)
     finite = (jnp.isfinite(loss) & jnp.isfinite(d_loss) & jnp.isfinite(g_norm)
               & jnp.isfinite(d_norm))
@@ -276,33 +246,72 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
         params=keep(new_params, params),
         opt_state=keep(opt_state, state["opt_state"]),
         disc_params=keep(new_dparams, dparams),
-        disc_state=keep(disc_state, state["disc_state"]),
+        disc_state=keep(dt.disc_state, state["disc_state"]),
         disc_opt_state=keep(d_opt_state, state["disc_opt_state"]),
         bad_steps=jnp.where(finite, 0, state["bad_steps"] + 1),
     )
     if qstats is not None:
       new_state["quantizer_stats"] = keep(new_qstats, qstats)
-    if lecam_weight:
-      new_state["lecam_ema"] = keep(regs.pop("lecam_ema"),
-                                    state["lecam_ema"])
+    if dt.lecam_ema is not None:
+      new_state["lecam_ema"] = keep(dt.lecam_ema, state["lecam_ema"])
     if ema:
       new_state["ema_params"] = keep(jax.tree.map(
           lambda e, p: ema * e + (1 - ema) * p, state["ema_params"],
           new_params), state["ema_params"])
-    metrics = {
-        "loss": loss, "rec_loss": l1, "p_loss": p_loss, "nll_loss": nll,
-        "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor,
-        "q_loss": q_loss, "disc_loss": d_loss, "logits_real": logits_real,
-        "logits_fake": logits_fake, "grad_norm": g_norm,
-        "disc_grad_norm": d_norm,
-        "codebook_usage": quantizers.codebook_usage(indices, n_embed),
-        "perplexity": quantizers.perplexity(indices, n_embed),
-        "skipped": 1 - finite.astype(jnp.int32),
-    }
-    metrics.update(regs)
-    if lc.get("disc_warmup_steps", 0):
-      metrics["gan_warmup"] = warmup
-    return new_state, metrics
+    return new_state, finite, (g_norm, d_norm)
+
+  return update
+
+
+def _step_metrics(g, d, finite, norms, disc_factor, warmup, lc, n_embed):
+  """The step's logged scalars (names listed in API.md)."""
+  (loss, _, gt), (d_loss, _, dt) = g, d
+  l1, p_loss = gt.nll_aux
+  indices = gt.trunk_aux[0]
+  metrics = {
+      "loss": loss, "rec_loss": l1, "p_loss": p_loss,
+      "nll_loss": gt.nll_loss, "g_loss": gt.g_loss, "d_weight": gt.d_weight,
+      "disc_factor": disc_factor, "q_loss": gt.q_loss, "disc_loss": d_loss,
+      "logits_real": dt.logits_real, "logits_fake": dt.logits_fake,
+      "grad_norm": norms[0], "disc_grad_norm": norms[1],
+      "codebook_usage": quantizers.codebook_usage(indices, n_embed),
+      "perplexity": quantizers.perplexity(indices, n_embed),
+      "skipped": 1 - finite.astype(jnp.int32),
+  }
+  metrics.update(dt.regs)
+  if lc.get("disc_warmup_steps", 0):
+    metrics["gan_warmup"] = warmup
+  return metrics
+
+
+def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
+                    ) -> Callable:
+  """Returns ``step(state, batch, lpips_vars) -> (state, metrics)``.
+
+  The generator's forward and gradients, then the discriminator's on the
+  same reconstructions (gradient stopped) from the ``batch_stats`` the
+  generator's call left, then both updates behind one finiteness guard.
+  """
+  lc = config.loss
+  generator = _generator_grads(model, disc, lc, lpips_model)
+  discriminator = _discriminator_grads(disc, lc)
+  update = _guarded_update(tx_g, tx_d, config.optim.ema_decay)
+
+  def step(state, batch, lpips_vars):
+    x = batch["image"].astype(jnp.float32)
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    disc_factor = losses.adopt_weight(lc.disc_factor, state["step"],
+                                      lc.disc_start)
+    warmup = losses.gan_warmup_factor(state["step"], lc.disc_start,
+                                      lc.get("disc_warmup_steps", 0),
+                                      lc.get("disc_warmup_mode", "hold"))
+    g = generator(state, x, rng, lpips_vars, disc_factor, warmup)
+    g_terms = g[2]
+    d = discriminator(state, x, jax.lax.stop_gradient(g_terms.rec),
+                      g_terms.gan_aux)
+    new_state, finite, norms = update(state, g, d)
+    return new_state, _step_metrics(g, d, finite, norms, disc_factor, warmup,
+                                    lc, model.n_embed)
 
   return step
 
