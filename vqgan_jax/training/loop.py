@@ -1,12 +1,27 @@
-"""Pieces of the training loop shared by both trainers."""
+"""The training loop both trainers run, and its pieces.
+
+:func:`restore_or_init` resumes from the newest checkpoint or builds a fresh
+state; :func:`train_loop` runs the steps: checkpointing on schedule, at the
+end and on SIGTERM/SIGINT (:func:`save_or_stop`), the non-finite guard
+(:class:`NonFiniteGuard`), ``metrics.jsonl`` logging, a progress bar, and
+stage-specific callbacks (evaluation, image grids) on their own cadence.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
+from vqgan_jax.training import checkpoints
+from vqgan_jax.training import digest
+from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
+
+PyTree = Any
 
 
 def to_host(x) -> np.ndarray:
@@ -129,3 +144,101 @@ class Progress:
   def close(self):
     if self._bar is not None:
       self._bar.close()
+
+
+def restore_or_init(ckpt, abstract_state: PyTree, state_shardings: PyTree,
+                    init: Callable[[], PyTree]) -> Tuple[PyTree, int]:
+  """``(state, step)``: the newest checkpoint in ``ckpt``, restored onto
+  ``state_shardings``, or ``(init(), 0)`` when there is none."""
+  start = ckpt.latest_step()
+  if start is None:
+    return init(), 0
+  state, _, start = ckpt.restore(checkpoints.abstract_with_shardings(
+      abstract_state, state_shardings))
+  logging.info("resumed from step %d in %s", start,
+               os.path.dirname(ckpt.directory))
+  return state, start
+
+
+@dataclasses.dataclass
+class Periodic:
+  """A callback of :func:`train_loop` every ``every`` steps (0: never).
+
+  ``fn(step, state, batch)`` runs after the step's logging; what it returns
+  (a metrics dict, or None) is written to ``metrics.jsonl`` at that step.
+  With ``at_end`` it also runs after the last step.
+  """
+  every: int
+  fn: Callable[[int, PyTree, Any], Optional[Dict[str, Any]]]
+  at_end: bool = True
+
+  def due(self, step: int, final: bool) -> bool:
+    return bool(self.every) and (step % self.every == 0 or
+                                 (self.at_end and final))
+
+
+def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
+               next_batch: Callable[[int], Any],
+               step_fn: Callable[[PyTree, Any], Tuple[PyTree, Any]],
+               log_extras: Callable[[float, int], Dict[str, Any]],
+               units_per_step: int = 1,
+               periodic: Sequence[Periodic] = (),
+               checkpoint_meta: Optional[Dict[str, Any]] = None,
+               on_exit: Iterable[Callable[[], None]] = ()) -> Dict[str, Any]:
+  """Trains from ``start_step`` to ``config.num_train_steps``.
+
+  Each step: ``batch = next_batch(step)`` (the step before it runs), then
+  ``state, metrics = step_fn(state, batch)``. Every ``config.log_every``
+  steps and at the last one the metrics, with ``log_extras(rate,
+  skipped_total)`` added (``rate``: ``units_per_step`` per second since the
+  last log), go to ``metrics.jsonl``; then the ``periodic`` callbacks run
+  in order; then :func:`save_or_stop` checkpoints (``{'step': step,
+  **checkpoint_meta}``) and stops the loop on a signal. At the end every
+  process writes its replica digest. ``on_exit`` callables run first when
+  the loop exits, however it exits, then the checkpointer (waiting for an
+  async save), the metrics writer, the signal handlers and the progress
+  bar close.
+
+  Returns:
+    the last logged metrics, updated with those of the periodic callbacks.
+  """
+  primary = jax.process_index() == 0
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step,
+                                     is_primary=primary)
+  preempt = runtime.PreemptionHandler()
+  timer = metrics_lib.RateTimer()
+  progress = Progress(primary, start_step, config.num_train_steps)
+  guard = NonFiniteGuard(config, ckpt, state["bad_steps"])
+  last: Dict[str, Any] = {}
+  step = start_step
+  try:
+    while step < config.num_train_steps:
+      batch = next_batch(step)
+      state, m = step_fn(state, batch)
+      step += 1
+      guard.update(step, m)
+      timer.add(units_per_step)
+      progress(1)
+      final = step == config.num_train_steps
+      if step % config.log_every == 0 or final:
+        m = jax.device_get(m)
+        guard.flush()
+        last = writer.write(step, dict(m, **log_extras(timer.rate(),
+                                                       guard.total)))
+      for p in periodic:
+        if p.due(step, final):
+          out = p.fn(step, state, batch)
+          if out is not None:
+            last.update(writer.write(step, out))
+      if save_or_stop(ckpt, state, step, config, preempt,
+                      {"step": step, **(checkpoint_meta or {})}, guard=guard):
+        break
+    digest.write_replica_digest(workdir, state["params"])
+  finally:
+    for fn in on_exit:
+      fn()
+    ckpt.close()
+    writer.close()
+    preempt.restore()
+    progress.close()
+  return last

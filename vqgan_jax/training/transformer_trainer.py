@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -29,7 +28,6 @@ from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import losses as losses_lib
 from vqgan_jax import sampling
 from vqgan_jax.training import checkpoints
-from vqgan_jax.training import digest
 from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
@@ -404,15 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                     out_shardings=repl)
 
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, _, start = ckpt.restore(
-        checkpoints.abstract_with_shardings(abstract, state_sh))
-    logging.info("resumed from step %d in %s", start, workdir)
-  else:
-    state = runtime.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))(
-        jax.random.PRNGKey(config.seed))
-    start = 0
+  init_fn = runtime.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))
+  state, start = loop.restore_or_init(
+      ckpt, abstract, state_sh,
+      lambda: init_fn(jax.random.PRNGKey(config.seed)))
   entropy = codes_lib.code_entropy(train["codes"], vq_model.n_embed)
   if primary:
     ckpt_lib.write_model_json(
@@ -427,56 +420,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   flops = _step_flops(step_fn, state, _global_batch(train, train_cond, 0,
                                                     config, batch_sh))
   peak = peak_tflops(config)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start,
-                                     is_primary=primary)
-  preempt = runtime.PreemptionHandler()
-  timer = metrics_lib.RateTimer()
-  progress = loop.Progress(primary, start, config.num_train_steps)
-  step, last = start, {}
   tokens_per_step = config.batch_size * layout.image_len
-  guard = loop.NonFiniteGuard(config, ckpt, state["bad_steps"])
-  try:
-    while step < config.num_train_steps:
-      batch = _global_batch(train, train_cond, step, config, batch_sh)
-      state, m = step_fn(state, batch)
-      step += 1
-      guard.update(step, m)
-      timer.add(1)
-      progress(1)
-      if step % config.log_every == 0 or step == config.num_train_steps:
-        m = jax.device_get(m)
-        guard.flush()
-        steps_per_sec = timer.rate()
-        extra = {"tokens_per_sec": steps_per_sec * tokens_per_step,
-                 "skipped_total": guard.total,
-                 "code_entropy": entropy}
-        if flops and peak:
-          extra["mfu"] = flops * steps_per_sec / (peak * 1e12 * n_dev)
-        last = writer.write(step, dict(m, **extra))
-      if val is not None and (step % config.eval_every == 0 or
-                              step == config.num_train_steps):
-        last.update(writer.write(step, evaluate(
-            eval_fn, state["params"], val, val_cond, config, batch_sh)))
-      if config.sample_every and (step % config.sample_every == 0 or
-                                  step == config.num_train_steps):
-        imgs, ncol = sample_grid(model, to_host_tree(state["params"]),
-                                 vq_model, vq_vars, layout, config,
-                                 jax.random.PRNGKey(step),
-                                 config.samples_per_class, val_cond)
-        if primary:
-          metrics_lib.save_png(
-              os.path.join(workdir, "images", f"samples_{step:07d}.png"),
-              metrics_lib.image_grid(imgs, ncol=ncol))
-      if loop.save_or_stop(ckpt, state, step, config, preempt,
-                           {"step": step}, guard=guard):
-        break
-    digest.write_replica_digest(workdir, state["params"])
-  finally:
-    ckpt.close()
-    writer.close()
-    preempt.restore()
-    progress.close()
-  return last
+
+  def log_extras(steps_per_sec, skipped):
+    extra = {"tokens_per_sec": steps_per_sec * tokens_per_step,
+             "skipped_total": skipped,
+             "code_entropy": entropy}
+    if flops and peak:
+      extra["mfu"] = flops * steps_per_sec / (peak * 1e12 * n_dev)
+    return extra
+
+  def evaluate_now(step, state, batch):
+    del step, batch
+    return evaluate(eval_fn, state["params"], val, val_cond, config, batch_sh)
+
+  def save_samples(step, state, batch):
+    del batch
+    imgs, ncol = sample_grid(model, to_host_tree(state["params"]),
+                             vq_model, vq_vars, layout, config,
+                             jax.random.PRNGKey(step),
+                             config.samples_per_class, val_cond)
+    if primary:
+      metrics_lib.save_png(
+          os.path.join(workdir, "images", f"samples_{step:07d}.png"),
+          metrics_lib.image_grid(imgs, ncol=ncol))
+
+  return loop.train_loop(
+      config, workdir, ckpt, state, start,
+      next_batch=lambda step: _global_batch(train, train_cond, step, config,
+                                            batch_sh),
+      step_fn=step_fn, log_extras=log_extras,
+      periodic=[loop.Periodic(config.eval_every, evaluate_now),
+                loop.Periodic(config.sample_every, save_samples)])
 
 
 def to_host_tree(tree):

@@ -31,7 +31,6 @@ from vqgan_jax import quantizers
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.backends import xla_cpu
 from vqgan_jax.training import checkpoints
-from vqgan_jax.training import digest
 from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
@@ -498,68 +497,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
   run = create(config, mesh, extras)
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  start_step = ckpt.latest_step()
-  if start_step is not None:
-    state, _, start_step = ckpt.restore(checkpoints.abstract_with_shardings(
-        run.abstract_state, run.state_shardings))
-    logging.info("resumed from step %d in %s", start_step, workdir)
-  else:
+
+  def fresh_state():
     state = run.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
       state = _load_init_from(config, run.model, state, extras)
       state = jax.device_put(state, run.state_shardings)
     if config.disc.use_actnorm and not _disc_initialized(state):
       state = _init_actnorm(run, state, train_ds, config)
-    start_step = 0
+    return state
+
+  state, start_step = loop.restore_or_init(ckpt, run.abstract_state,
+                                           run.state_shardings, fresh_state)
   if primary:
     ckpt_lib.write_model_json(workdir, "vqgan",
                               vqgan_lib.model_config(run.model),
                               train_config=config.to_dict())
 
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step,
-                                     is_primary=primary)
-  preempt = runtime.PreemptionHandler()
+  def save_images(step, state, batch):
+    rec = to_host(run.eval_fn(state["params"], batch["image"])[0])
+    if primary:
+      _save_images(workdir, step, to_host(batch["image"]), rec)
+
+  def evaluate_now(step, state, batch):
+    del step, batch
+    return evaluate(run.eval_fn, state["params"], eval_ds, config,
+                    run.batch_sharding, run.model.n_embed)
+
   it = train_ds.train_iterator(config.batch_size, seed=config.seed,
                                start_step=start_step)
   host_batches = data_lib.ThreadPrefetcher(it, buffer_size=2)
   batches = data_lib.prefetch_to_device(host_batches, 2, run.batch_sharding)
-  timer = metrics_lib.RateTimer()
-  last: Dict[str, Any] = {}
-  step = start_step
-  progress = loop.Progress(primary, start_step, config.num_train_steps)
-  guard = loop.NonFiniteGuard(config, ckpt, state["bad_steps"])
-  try:
-    while step < config.num_train_steps:
-      batch = next(batches)
-      state, m = run.step_fn(state, {"image": batch["image"]}, run.lpips_vars)
-      step += 1
-      guard.update(step, m)
-      timer.add(config.batch_size)
-      progress(1)
-      if step % config.log_every == 0 or step == config.num_train_steps:
-        m = jax.device_get(m)
-        guard.flush()
-        last = writer.write(step, dict(m, img_per_sec=timer.rate(),
-                                       skipped_total=guard.total,
-                                       **train_ds.stats))
-      if config.image_every and step % config.image_every == 0:
-        rec = to_host(run.eval_fn(state["params"], batch["image"])[0])
-        if primary:
-          _save_images(workdir, step, to_host(batch["image"]), rec)
-      if eval_ds is not None and (step % config.eval_every == 0 or
-                                  step == config.num_train_steps):
-        em = evaluate(run.eval_fn, state["params"], eval_ds, config,
-                      run.batch_sharding, run.model.n_embed)
-        last.update(writer.write(step, em))
-      if loop.save_or_stop(ckpt, state, step, config, preempt,
-                           {"step": step, "dataset": config.dataset},
-                           guard=guard):
-        break
-    digest.write_replica_digest(workdir, state["params"])
-  finally:
-    host_batches.close()  # no data thread left running at interpreter exit
-    ckpt.close()
-    writer.close()
-    preempt.restore()
-    progress.close()
-  return last
+  return loop.train_loop(
+      config, workdir, ckpt, state, start_step,
+      next_batch=lambda step: next(batches),
+      step_fn=lambda state, batch: run.step_fn(
+          state, {"image": batch["image"]}, run.lpips_vars),
+      units_per_step=config.batch_size,
+      log_extras=lambda rate, skipped: dict(
+          img_per_sec=rate, skipped_total=skipped, **train_ds.stats),
+      periodic=[loop.Periodic(config.image_every, save_images, at_end=False),
+                loop.Periodic(config.eval_every, evaluate_now)],
+      checkpoint_meta={"dataset": config.dataset},
+      # no data thread left running at interpreter exit
+      on_exit=[host_batches.close])
