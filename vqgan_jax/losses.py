@@ -15,11 +15,12 @@ the reference ``VQLPIPSWithDiscriminator.forward``:
   come from one forward and the VJPs of the two loss terms::
 
     loss, (grads, (d_kernel, d_bias)), terms = vqgan_generator_loss_and_grads(
-        trunk_fn,           # params -> ((h, q_loss), aux)
-        params, conv_out,   # (kernel, bias, h) -> reconstructions
+        trunk_fn,        # params -> ((h, q_loss), aux)
+        params,
+        conv_out,        # (kernel, bias, h) -> reconstructions
         (kernel, bias),
         lambda rec: reconstruction_loss(x, rec, perceptual_fn),
-        lambda rec: ...,    # rec -> (generator_gan_loss(D(rec)), aux)
+        gan_fn,          # rec -> (generator_gan_loss(D(rec)), aux)
         disc_factor=adopt_weight(disc_factor, step, disc_start))
 
 * :func:`vqgan_discriminator_loss_and_grads` (its ``optimizer_idx == 1``):
