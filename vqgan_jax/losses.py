@@ -1,4 +1,5 @@
-"""Stage-1 (VQGAN) losses: reconstruction + LPIPS, PatchGAN, adaptive weight.
+"""The losses both trainers call: stage 1 (reconstruction + LPIPS, PatchGAN,
+adaptive weight, GAN regularisers) and stage 2 (token cross-entropy).
 
 Pure functions over arrays and callables, meant to be called inside one
 jitted training step: nothing branches in Python on a traced value (the
@@ -35,6 +36,9 @@ generator's GAN function applies the discriminator with ``train=True`` and
 ``mutable=['batch_stats']`` (returning the updates as its aux), and the
 discriminator objective threads ``batch_stats`` through its real and fake
 calls (as :func:`vqgan_jax.discriminator.discriminator_logits` does).
+
+Stage 2: :func:`token_loss` and :func:`token_accuracy` over the GPT's
+float32 logits.
 
 Known differences from the reference, all deliberate:
   * The adaptive weight is always computed (the reference falls back to 0
