@@ -464,7 +464,7 @@ def stage1_step(dd, n_embed, embed_dim, batch, dtype, vgg_path, lin_path, x,
   jitted initialiser, whose compilation took ~75 s on the H200.
   """
   from vqgan_jax.training import schema  # pylint: disable=import-outside-toplevel
-  from vqgan_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import sharding  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import vqgan_trainer as vt  # pylint: disable=import-outside-toplevel
   c = schema.vqgan_config()
   c.model.update(dict(

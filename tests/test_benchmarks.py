@@ -175,7 +175,7 @@ def test_host_drawn_stage1_state_runs_a_finite_step():
   compile): it must fit the trainer's state tree and give a finite step."""
   from benchmarks import common  # pylint: disable=import-outside-toplevel
   from vqgan_jax_testing import train_utils as tu  # pylint: disable=import-outside-toplevel
-  from vqgan_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import sharding  # pylint: disable=import-outside-toplevel
   from vqgan_jax.training import vqgan_trainer as vt  # pylint: disable=import-outside-toplevel
   c = tu.load_config("digits_vqgan", "test")
   c.loss.update(dict(disc_start=0, disc_weight=0.8))

@@ -21,8 +21,8 @@ import pytest
 from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import losses
 from vqgan_jax import modules
+from vqgan_jax import sharding
 from vqgan_jax.training import schema
-from vqgan_jax.training import sharding
 from vqgan_jax.training import vqgan_trainer as vt
 
 

@@ -431,7 +431,8 @@ REPLICAS = r"""
 import json
 import jax, numpy as np, optax
 from vqgan_jax_testing import train_utils as tu
-from vqgan_jax.training import sharding, vqgan_trainer as vt
+from vqgan_jax import sharding
+from vqgan_jax.training import vqgan_trainer as vt
 c = tu.load_config("digits_vqgan", "test")
 c.model.quantizer_options.vq.update(dict(
     codebook_update="ema", codebook_dim=4, l2_codes=True,

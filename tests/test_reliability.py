@@ -28,8 +28,8 @@ from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.training import checkpoints
+from vqgan_jax import sharding
 from vqgan_jax.training import schema
-from vqgan_jax.training import sharding
 from vqgan_jax.training import transformer_trainer as tt
 from vqgan_jax.training import vqgan_trainer as vt
 
@@ -724,7 +724,8 @@ def test_stage2_resume_with_another_architecture_exits_2_and_touches_nothing(tmp
 RESHARD2 = r"""
 import sys, jax, numpy as np
 from vqgan_jax_testing import train_utils as tu
-from vqgan_jax.training import checkpoints, sharding, transformer_trainer as tt
+from vqgan_jax import sharding
+from vqgan_jax.training import checkpoints, transformer_trainer as tt
 sharding.MIN_FSDP_SIZE = 0
 c = tu.load_config("digits_transformer", "test")
 layout = tt.make_layout(c, 16, (2, 2))

@@ -165,7 +165,7 @@ def test_sample_py_sliding_window_with_image_conditioning(tmp_path, torch):
 def test_codes_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
   from vqgan_jax import data as data_lib
   from vqgan_jax import vqgan as vqgan_lib
-  from vqgan_jax.training import sharding
+  from vqgan_jax import sharding
   model = vqgan_lib.VQGAN(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                           resolution=16, z_channels=32, n_embed=16, embed_dim=8)
   variables = vqgan_lib.init_variables(model, jax.random.PRNGKey(0))
@@ -226,7 +226,8 @@ SHARDED = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from vqgan_jax_testing import train_utils as tu
-from vqgan_jax.training import sharding, transformer_trainer as tt
+from vqgan_jax import sharding
+from vqgan_jax.training import transformer_trainer as tt
 sharding.MIN_FSDP_SIZE = 0
 c = tu.load_config("digits_transformer", "test")
 c.optim.update(dict(lr_scaling="none", learning_rate=1e-2, warmup_steps=0, schedule="constant"))
@@ -294,7 +295,7 @@ def test_paired_conditioning_dataset_aligns_by_file_name(tmp_path, vqgan_dir):
   from PIL import Image
   from vqgan_jax import checkpoint
   from vqgan_jax.data import images as image_lib
-  from vqgan_jax.training import sharding
+  from vqgan_jax import sharding
   from vqgan_jax.training import transformer_trainer as tt
   rng = np.random.default_rng(0)
   imgs, conds = tmp_path / "img", tmp_path / "cond"

@@ -17,8 +17,8 @@ from vqgan_jax_testing import train_utils as tu
 from vqgan_jax import discriminator as disc_lib
 from vqgan_jax import losses
 from vqgan_jax import modules
+from vqgan_jax import sharding
 from vqgan_jax.training import schema
-from vqgan_jax.training import sharding
 from vqgan_jax.training import vqgan_trainer as vt
 
 
@@ -122,7 +122,8 @@ SHARDED = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from vqgan_jax_testing import train_utils as tu
-from vqgan_jax.training import sharding, vqgan_trainer as vt
+from vqgan_jax import sharding
+from vqgan_jax.training import vqgan_trainer as vt
 sharding.MIN_FSDP_SIZE = 0  # shard even the tiny test model
 c = tu.load_config("digits_vqgan", "test")
 c.loss.disc_start = 1
@@ -351,7 +352,8 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
 RESHARD = r"""
 import sys, jax, numpy as np
 from vqgan_jax_testing import train_utils as tu
-from vqgan_jax.training import checkpoints, sharding, vqgan_trainer as vt
+from vqgan_jax import sharding
+from vqgan_jax.training import checkpoints, vqgan_trainer as vt
 sharding.MIN_FSDP_SIZE = 0
 c = tu.load_config("digits_vqgan", "test")
 wd = sys.argv[1]

@@ -21,7 +21,9 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
-from vqgan_jax.training import digest
+from vqgan_jax import digest
+from vqgan_jax import sharding as shard_lib
+from vqgan_jax.sharding import to_host
 
 CACHE_VERSION = 2  # bump when the stored arrays change
 
@@ -62,8 +64,6 @@ def encode_dataset(model, variables, dataset, batch_size: int, mesh
   gathered so every process holds the whole array.
   """
   from vqgan_jax.data import make_global_batch  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.training import sharding as shard_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.training.loop import to_host  # pylint: disable=g-import-not-at-top
   batch_sh = shard_lib.batch_sharding(mesh)
   repl = shard_lib.replicated(mesh)
   variables = jax.device_put(variables, repl)

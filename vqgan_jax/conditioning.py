@@ -10,6 +10,10 @@ in the reference's Net2NetTransformer:
 * ``coord``: a coordinate map, area-downsampled and quantised to ``n_embed``
   levels (the reference's CoordStage), for sliding-window training.
 
+For ``codes``, the conditioning images may first pass through a transform
+(:data:`COND_TRANSFORMS`, :func:`cond_images`), e.g. grayscale for
+colourisation; training and sampling apply the same one.
+
 Image tokens may be reordered by a permuter (``identity``, ``reverse``,
 ``zcurve``, ``spiral``); its inverse restores raster order before decoding.
 """
@@ -23,6 +27,7 @@ import numpy as np
 
 KINDS = ("sos", "class", "codes", "coord")
 PERMUTERS = ("identity", "reverse", "zcurve", "spiral")
+COND_TRANSFORMS = ("identity", "grayscale", "downsample")
 
 
 # ----------------------------------------------------------------------------
@@ -75,6 +80,30 @@ def permute(tokens, perm: np.ndarray, inverse: bool = False):
   """Reorders ``tokens`` (B, h*w) into training order, or back with ``inverse``."""
   idx = np.argsort(perm) if inverse else perm
   return tokens[:, idx]
+
+
+# ----------------------------------------------------------------------------
+# Conditioning images
+
+
+def cond_images(x: np.ndarray, transform: str) -> np.ndarray:
+  """Applies a conditioning transform to (B, H, W, C) images in [-1, 1].
+
+  ``identity`` keeps them; ``grayscale`` replaces every channel by their
+  mean; ``downsample`` averages 4x4 blocks and repeats each block's mean
+  over it (same shape, a quarter of the resolution).
+  """
+  if transform == "identity":
+    return x
+  if transform == "grayscale":
+    g = x.mean(axis=-1, keepdims=True)
+    return np.repeat(g, x.shape[-1], axis=-1)
+  if transform == "downsample":
+    b, h, w, c = x.shape
+    low = x.reshape(b, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4))
+    return np.repeat(np.repeat(low, 4, 1), 4, 2)
+  raise ValueError(f"config.conditioning.cond_transform={transform!r}; "
+                   f"valid: {', '.join(map(repr, COND_TRANSFORMS))}")
 
 
 # ----------------------------------------------------------------------------

@@ -18,9 +18,9 @@ import numpy as np
 
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import conditioning as cond_lib
+from vqgan_jax import image_io
 from vqgan_jax import sampling
 from vqgan_jax import sliding_window
-from vqgan_jax.training import metrics as metrics_lib
 
 
 def shard_batch(x: np.ndarray):
@@ -124,8 +124,7 @@ def encode_condition_images(info, folder: str, workdir: str,
         _cover_crop(image_lib.convert_mode(im, model.in_channels), height,
                     width), np.uint8).reshape(height, width, -1))
                   for im in opened])
-  from vqgan_jax.training.transformer_trainer import _cond_images  # pylint: disable=g-import-not-at-top
-  x = _cond_images(x, c.get("cond_transform", "identity"))
+  x = cond_lib.cond_images(x, c.get("cond_transform", "identity"))
   codes = np.asarray(model.apply(variables, jnp.asarray(x),
                                  method=model.encode_to_indices))
   return codes if grid is not None else codes.reshape(len(paths), -1)
@@ -219,12 +218,12 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
   os.makedirs(outdir, exist_ok=True)
   ncol = num_samples if labels is not None else int(np.ceil(np.sqrt(total)))
   grid_path = os.path.join(outdir, "grid.png")
-  metrics_lib.save_png(grid_path, metrics_lib.image_grid(images_all, ncol=ncol))
+  image_io.save_png(grid_path, image_io.image_grid(images_all, ncol=ncol))
   for i, img in enumerate(images_all):
     name = (f"{labels[i]}_{i % num_samples:04d}.png" if labels is not None
             else f"{i:04d}.png")
-    metrics_lib.save_png(os.path.join(outdir, name),
-                         metrics_lib.image_grid(img[None], pad=0))
+    image_io.save_png(os.path.join(outdir, name),
+                      image_io.image_grid(img[None], pad=0))
   if save_npz:
     pix = np.round((np.clip(images_all, -1, 1) + 1) * 127.5).astype(np.uint8)
     np.savez(os.path.join(outdir, "samples.npz"), images=pix, tokens=tokens_all,

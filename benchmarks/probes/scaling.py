@@ -8,7 +8,7 @@ stage-2 MFU of the bfloat16 GPT. Stage 2 is projected to the 1.4B cIN GPT
 (configs/imagenet_transformer.py) through its model FLOPs; TPU v5e numbers
 assume the same MFU against v5e's peak (an assumption, not a measurement).
 
-Communication per step follows ``training/sharding.py``'s mesh: with
+Communication per step follows ``vqgan_jax/sharding.py``'s mesh: with
 ``data`` only, an all-reduce of the float32 gradients (2 (n-1)/n x bytes per
 device); with ``fsdp``, an all-gather of the parameters for the forward pass
 and again for the backward pass plus a reduce-scatter of the gradients

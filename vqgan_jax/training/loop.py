@@ -14,22 +14,13 @@ import os
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
-import numpy as np
 
+from vqgan_jax import digest
 from vqgan_jax.training import checkpoints
-from vqgan_jax.training import digest
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 
 PyTree = Any
-
-
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-host sharded) global array as one numpy array."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def learning_rate(config) -> float:

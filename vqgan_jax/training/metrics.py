@@ -1,4 +1,4 @@
-"""Metrics to ``metrics.jsonl`` and TensorBoard, images to PNG grids, timers."""
+"""Metrics to ``metrics.jsonl`` and TensorBoard, and throughput timers."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,9 @@ import os
 import sys
 import time
 import types
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import numpy as np
-from PIL import Image
 
 
 def _scalar(v) -> Any:
@@ -101,33 +100,6 @@ def read_metrics(workdir: str):
   """All rows of ``workdir/metrics.jsonl``."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def image_grid(images: np.ndarray, ncol: Optional[int] = None,
-               pad: int = 2) -> np.ndarray:
-  """(N, H, W, C) images in [-1, 1] -> one uint8 grid image (rows of ncol)."""
-  images = np.asarray(images, np.float32)
-  n, h, w, c = images.shape
-  if c not in (1, 3):  # e.g. one-hot segmentation: show the argmax as gray
-    images = (np.argmax(images, -1)[..., None] / max(c - 1, 1)) * 2 - 1
-    c = 1
-  ncol = ncol or int(math.ceil(math.sqrt(n)))
-  nrow = int(math.ceil(n / ncol))
-  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255,
-                 np.uint8)
-  pix = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
-  for i in range(n):
-    r, col = divmod(i, ncol)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + col * (w + pad):pad + col * (w + pad) + w] = pix[i]
-  return grid
-
-
-def save_png(path: str, pixels: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  if pixels.ndim == 3 and pixels.shape[-1] == 1:
-    pixels = pixels[..., 0]
-  Image.fromarray(pixels).save(path)
 
 
 class RateTimer:

@@ -293,7 +293,7 @@ def check_mesh_and_batch(config, num_devices: int) -> Dict[str, int]:
   Returns:
     The resolved ``{axis: size}`` mesh.
   """
-  from vqgan_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
   with as_config_error():
     names, sizes = sharding.mesh_shape(config.mesh.to_dict(), num_devices)
   shape = dict(zip(names, sizes))

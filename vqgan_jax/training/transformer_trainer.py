@@ -24,16 +24,18 @@ from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import codes as codes_lib
 from vqgan_jax import conditioning as cond_lib
 from vqgan_jax import config_io
+from vqgan_jax import digest
 from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import losses as losses_lib
+from vqgan_jax import image_io
 from vqgan_jax import sampling
+from vqgan_jax import sharding as shard_lib
+from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
-from vqgan_jax.training import sharding as shard_lib
-from vqgan_jax.training.loop import to_host
 
 PyTree = Any
 
@@ -213,20 +215,6 @@ def _resolve_dir(path: str) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def _cond_images(x: np.ndarray, transform: str) -> np.ndarray:
-  if transform == "identity":
-    return x
-  if transform == "grayscale":
-    g = x.mean(axis=-1, keepdims=True)
-    return np.repeat(g, x.shape[-1], axis=-1)
-  if transform == "downsample":
-    b, h, w, c = x.shape
-    low = x.reshape(b, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4))
-    return np.repeat(np.repeat(low, 4, 1), 4, 2)
-  raise ValueError(f"config.conditioning.cond_transform={transform!r}; "
-                   "valid: 'identity', 'grayscale', 'downsample'")
-
-
 def check_paired(ds, cond_ds) -> None:
   """Two datasets whose examples correspond one to one (same relative names)."""
   a, b = ds.source, cond_ds.source
@@ -254,7 +242,7 @@ class _TransformedSource:
 
   def eval_iterator(self, batch_size):
     for b in self.dataset.eval_iterator(batch_size):
-      yield dict(b, image=_cond_images(b["image"], self.transform))
+      yield dict(b, image=cond_lib.cond_images(b["image"], self.transform))
 
 
 def load_codes(config, mesh, split: str, vqgan, vqgan_vars, vqgan_dir,
@@ -441,9 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                              jax.random.PRNGKey(step),
                              config.samples_per_class, val_cond)
     if primary:
-      metrics_lib.save_png(
+      image_io.save_png(
           os.path.join(workdir, "images", f"samples_{step:07d}.png"),
-          metrics_lib.image_grid(imgs, ncol=ncol))
+          image_io.image_grid(imgs, ncol=ncol))
 
   return loop.train_loop(
       config, workdir, ckpt, state, start,

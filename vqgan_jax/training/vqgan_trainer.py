@@ -24,18 +24,21 @@ import numpy as np
 import optax
 
 from vqgan_jax import checkpoint as ckpt_lib
+from vqgan_jax import digest
 from vqgan_jax import discriminator as disc_lib
+from vqgan_jax import image_io
 from vqgan_jax import losses
 from vqgan_jax import modules
 from vqgan_jax import quantizers
+from vqgan_jax import sharding as shard_lib
 from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.backends import xla_cpu
+from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
 from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
-from vqgan_jax.training import sharding as shard_lib
 
 PyTree = Any
 
@@ -328,9 +331,6 @@ def make_eval_step(model) -> Callable:
   return eval_step
 
 
-to_host = loop.to_host  # re-exported for callers of this module
-
-
 # ----------------------------------------------------------------------------
 # The loop
 
@@ -390,9 +390,9 @@ def _init_actnorm(run, state, train_ds, config):
 
 def _save_images(workdir, step, x, rec):
   n = min(8, x.shape[0])
-  grid = metrics_lib.image_grid(
+  grid = image_io.image_grid(
       np.concatenate([np.asarray(x[:n]), np.asarray(rec[:n])]), ncol=n)
-  metrics_lib.save_png(os.path.join(workdir, "images", f"rec_{step:07d}.png"),
+  image_io.save_png(os.path.join(workdir, "images", f"rec_{step:07d}.png"),
                        grid)
 
 

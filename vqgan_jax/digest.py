@@ -1,5 +1,11 @@
-"""Digests of the array data a process holds (to check replicas agree)."""
+"""Digests of the array data a process holds.
+
+:func:`local_digest` keys the code cache on a VQGAN's weights, and lets
+multi-process runs check that their replicas agree
+(:func:`write_replica_digest`).
+"""
 import hashlib
+import os
 
 import jax
 import numpy as np
@@ -20,7 +26,6 @@ def local_digest(tree) -> str:
 
 def write_replica_digest(workdir: str, tree) -> None:
   """Writes ``workdir/replica_digest.<process>`` for multi-process checks."""
-  import os  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return
   path = os.path.join(workdir, f"replica_digest.{jax.process_index()}")

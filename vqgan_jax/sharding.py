@@ -1,4 +1,4 @@
-"""Device meshes and parameter shardings derived from the config.
+"""Device meshes, parameter shardings, and gathering arrays to the host.
 
 The mesh is data: ``config.mesh`` maps axis names to sizes (one may be -1,
 "the rest of the devices"), e.g. ``{'data': -1, 'fsdp': 1}``. Parameter
@@ -11,7 +11,9 @@ strategy is
   sharded over it (small or indivisible arrays stay replicated);
 * a tuple of mesh-axis names / None, one per array axis (a PartitionSpec).
 
-The batch is sharded over all mesh axes on its leading dimension.
+The batch is sharded over all mesh axes on its leading dimension. Training
+and inference (encoding a dataset to codes) share these; :func:`to_host`
+brings a global, possibly multi-host array back as one numpy array.
 """
 from __future__ import annotations
 
@@ -69,6 +71,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host sharded) global array as one numpy array."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _fsdp_spec(shape, mesh: Mesh, axis: str = "fsdp") -> P:
