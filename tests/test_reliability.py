@@ -474,7 +474,7 @@ def test_loaders_read_the_newest_committed_step_and_change_nothing(tmp_path):
   os.remove(tmp_path / "checkpoints" / "2" / "commit_success.txt")
   before = _digest(tmp_path)
   assert ckpt_lib.latest_step(str(tmp_path / "checkpoints")) == 1
-  state, step = ckpt_lib._restore_workdir_state(str(tmp_path))
+  state, step = ckpt_lib.restore_workdir_state(str(tmp_path))
   assert step == 1
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 1.0))
   assert _digest(tmp_path) == before

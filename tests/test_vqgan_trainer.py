@@ -329,7 +329,7 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The reference's discriminator came along (BatchNorm statistics included).
   from vqgan_jax import checkpoint
-  state, _ = checkpoint._restore_workdir_state(str(wd))
+  state, _ = checkpoint.restore_workdir_state(str(wd))
   disc = checkpoint.load_extras(str(conv_dir))["discriminator"]
   assert "batch_stats" in disc
   for a, b in zip(jax.tree.leaves(state["disc_params"]), jax.tree.leaves(disc["params"])):

@@ -1,5 +1,11 @@
 """This project's checkpoint formats, and loading models from them.
 
+The one home of the on-disk format, for inference and training alike: file
+names, the commit marker, which steps a workdir holds, ``model.json``, and
+restoring a workdir's state. The training side (asynchronous saves, checks
+on resume, setting damaged steps aside) builds on these in
+``vqgan_jax/training/checkpoints.py``.
+
 Two layouts, both readable by :func:`load_vqgan` / :func:`load_transformer`:
 
 * a *pretrained directory* (written by ``python -m vqgan_jax.convert`` and by
@@ -12,14 +18,17 @@ Two layouts, both readable by :func:`load_vqgan` / :func:`load_transformer`:
     DIR/cond_vqgan/    transformers conditioned on codes: that VQGAN
 
 * a *training workdir*: ``model.json`` as above plus ``checkpoints/`` (an
-  orbax ``CheckpointManager`` whose item ``state`` holds ``params`` and,
-  when kept, ``ema_params``). The newest complete step is used.
+  orbax ``CheckpointManager`` with one directory per step, named by the step
+  number, whose item ``state`` holds ``params`` and, when kept,
+  ``ema_params``). A step counts once orbax has written its commit marker
+  (the last file of a save); the newest such step is used.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -27,6 +36,8 @@ import numpy as np
 FORMAT = "vqgan-jax"
 VERSION = 1
 MODEL_FILE = "model.json"
+CHECKPOINTS_DIR = "checkpoints"  # a training workdir's step directories
+COMMIT_MARKER = "commit_success.txt"  # written by orbax as a save's last file
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -109,32 +120,55 @@ def save_pretrained(directory: str, kind: str, config: Dict[str, Any],
   return directory
 
 
+def step_dirs(checkpoint_dir: str) -> List[int]:
+  """Steps whose directories orbax would list (plain integer names),
+  committed or not."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+
+
+def is_committed(checkpoint_dir: str, step) -> bool:
+  """Whether the save of ``step`` finished (its commit marker is there)."""
+  return os.path.exists(os.path.join(checkpoint_dir, str(step), COMMIT_MARKER))
+
+
+def committed_steps(checkpoint_dir: str) -> List[int]:
+  """The steps whose saves finished, oldest first (orbax itself lists
+  uncommitted step directories on local disks)."""
+  return [s for s in step_dirs(checkpoint_dir)
+          if is_committed(checkpoint_dir, s)]
+
+
+def unfinished_dirs(checkpoint_dir: str) -> List[str]:
+  """Names of directories a save left unfinished: step directories without
+  the commit marker, then orbax's temporary directories."""
+  steps = [str(s) for s in step_dirs(checkpoint_dir)
+           if not is_committed(checkpoint_dir, s)]
+  tmp = sorted(n for n in os.listdir(checkpoint_dir)
+               if re.search(r"\.orbax-checkpoint-tmp", n)
+               ) if os.path.isdir(checkpoint_dir) else []
+  return steps + tmp
+
+
 def latest_step(checkpoint_dir: str) -> Optional[int]:
   """Newest complete step in an orbax ``CheckpointManager`` directory."""
+  done = committed_steps(checkpoint_dir)
+  return done[-1] if done else None
+
+
+def restore_workdir_state(workdir: str) -> Tuple[Dict, int]:
+  """``(state, step)`` of a training workdir's newest complete step; reads
+  without moving or writing anything."""
   ocp = _ocp()
-  if not os.path.isdir(checkpoint_dir):
-    return None
-  with ocp.CheckpointManager(checkpoint_dir) as mngr:
-    return _newest_committed(checkpoint_dir, mngr.all_steps())
-
-
-def _newest_committed(checkpoint_dir: str, steps) -> Optional[int]:
-  """The newest step whose directory holds orbax's commit marker (orbax
-  itself lists uncommitted step directories on local disks)."""
-  done = [s for s in steps if os.path.exists(
-      os.path.join(checkpoint_dir, str(s), "commit_success.txt"))]
-  return max(done) if done else None
-
-
-def _restore_workdir_state(workdir: str) -> Tuple[Dict, int]:
-  ocp = _ocp()
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+  step = latest_step(ckpt_dir)
+  if step is None:
+    raise CheckpointNotFoundError(
+        f"{ckpt_dir} holds no complete checkpoint yet; train longer or "
+        "point to another workdir")
   with ocp.CheckpointManager(ckpt_dir) as mngr:
-    step = _newest_committed(ckpt_dir, mngr.all_steps())
-    if step is None:
-      raise CheckpointNotFoundError(
-          f"{ckpt_dir} holds no complete checkpoint yet; train longer or "
-          "point to another workdir")
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))
   return restored["state"], step
@@ -154,19 +188,15 @@ def load_variables(path: str, kind: str, *, use_ema: bool = True
     raise ValueError(f"{path} holds a {info['kind']!r} model, not a {kind!r}")
   if os.path.isdir(os.path.join(path, "params")):
     return info, restore_tree(os.path.join(path, "params"))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    state, step = _restore_workdir_state(path)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    state, step = restore_workdir_state(path)
     params = state.get("ema_params") if use_ema else None
     if params is None:
       params = state["params"]
-    variables = {"params": params}
-    for collection in ("batch_stats",):
-      if collection in state.get("model_state", {}):
-        variables[collection] = state["model_state"][collection]
     info = dict(info, step=int(step))
-    return info, variables
+    return info, {"params": params}
   raise CheckpointNotFoundError(
-      f"{path} has a {MODEL_FILE} but neither params/ nor checkpoints/")
+      f"{path} has a {MODEL_FILE} but neither params/ nor {CHECKPOINTS_DIR}/")
 
 
 def load_vqgan(path: str, *, dtype=None, use_ema: bool = True):

@@ -1,5 +1,9 @@
 """Workdir checkpoints: orbax CheckpointManager with atomic, async saves.
 
+The on-disk format (file names, the commit marker, listing committed steps,
+``model.json``) is :mod:`vqgan_jax.checkpoint`'s; this module adds what
+training needs on top of it.
+
 A step directory counts only once orbax has committed it, so a run killed in
 the middle of a save leaves the previous step intact and the next start
 resumes from it. Steps that are there but incomplete (no commit marker, or
@@ -16,20 +20,17 @@ stored tree (orbax's metadata: paths and shapes) with the target state.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax.training import schema
 
-COMMIT_MARKER = "commit_success.txt"  # written by orbax as a save's last file
-MODEL_FILE = "model.json"  # vqgan_jax.checkpoint.MODEL_FILE
 MAX_LISTED = 4  # differing paths named in a mismatch message
 
 
@@ -43,11 +44,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
                async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._set_aside([str(step) for step in _step_dirs(self.directory)
-                     if not os.path.exists(os.path.join(
-                         self.directory, str(step), COMMIT_MARKER))] +
-                    _tmp_dirs(self.directory),
+    self.directory = os.path.join(os.path.abspath(workdir),
+                                  ckpt_lib.CHECKPOINTS_DIR)
+    self._set_aside(ckpt_lib.unfinished_dirs(self.directory),
                     "a save that never finished (no commit marker)")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
@@ -187,18 +186,16 @@ def check_resume(workdir: str, want: Dict[str, Any], keys: Sequence[str],
       differing field with both values, and the fix. Nothing is touched.
   """
   workdir = os.path.abspath(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  done = [s for s in _step_dirs(directory) if os.path.exists(
-      os.path.join(directory, str(s), COMMIT_MARKER))]
-  path = os.path.join(workdir, MODEL_FILE)
+  done = ckpt_lib.committed_steps(
+      os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR))
+  path = os.path.join(workdir, ckpt_lib.MODEL_FILE)
   if not done or not os.path.isfile(path):
     return
   try:
-    with open(path) as f:
-      have = json.load(f)
+    have = ckpt_lib.read_model_json(workdir)
     for k in section:
       have = have[k]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     logging.warning("cannot compare the config with %s (%s); the checkpoint "
                     "itself is checked when it is restored", path, e)
     return
@@ -258,9 +255,10 @@ def _is_opt(path: str) -> bool:
 
 
 def _fix(workdir: str) -> str:
-  if os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+  path = os.path.join(workdir, ckpt_lib.MODEL_FILE)
+  if os.path.isfile(path):
     how = (f"resume with the config the run was started with (saved under "
-           f"\"train_config\" in {os.path.join(workdir, MODEL_FILE)})")
+           f"\"train_config\" in {path})")
   else:
     how = "resume with the config the run was started with"
   return f"{how}, or pass a new --workdir to start another run"
@@ -268,8 +266,7 @@ def _fix(workdir: str) -> str:
 
 def _model_kind(workdir: str) -> Optional[str]:
   try:
-    with open(os.path.join(workdir, MODEL_FILE)) as f:
-      return json.load(f).get("kind")
+    return ckpt_lib.read_model_json(workdir).get("kind")
   except (OSError, ValueError, AttributeError):
     return None
 
@@ -294,18 +291,3 @@ def abstract_with_shardings(tree, shardings):
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
-
-
-def _step_dirs(directory: str):
-  """Steps whose directories orbax would list (plain integer names)."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def _tmp_dirs(directory: str):
-  if not os.path.isdir(directory):
-    return []
-  return sorted(n for n in os.listdir(directory)
-                if re.search(r"\.orbax-checkpoint-tmp", n))
