@@ -339,7 +339,7 @@ def _read_vqgan_info(field: str, path: str) -> Dict[str, Any]:
     raise ConfigError(f"config.{field}={path} holds a {info.get('kind')!r} "
                       "model, not a 'vqgan'; point it to a stage-1 workdir")
   if not (os.path.isdir(os.path.join(path, "params")) or
-          os.path.isdir(os.path.join(path, "checkpoints"))):
+          os.path.isdir(os.path.join(path, ckpt_lib.CHECKPOINTS_DIR))):
     raise ConfigError(f"config.{field}={path} has a model.json but neither "
                       "params/ nor checkpoints/; train stage 1 there first")
   return info
