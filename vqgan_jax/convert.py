@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from absl import flags
 
+from vqgan_jax import checkpoint
 from vqgan_jax import cli
 from vqgan_jax import keymaps
 from vqgan_jax import torch_io
@@ -338,7 +339,6 @@ def load_taming_transformer(checkpoint_path, config_path, *, dtype=jnp.float32,
 
 def write_converted_transformer(checkpoint_path, config_path, out_dir) -> str:
   """Converts a Net2NetTransformer: GPT, first stage and VQ conditioning stage."""
-  from vqgan_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vqgan_jax import config_io  # pylint: disable=g-import-not-at-top
   cfg = read_reference_config(config_path)
   params = _transformer_params(cfg, config_path)
@@ -388,7 +388,6 @@ def write_converted_transformer(checkpoint_path, config_path, out_dir) -> str:
 def write_converted_vqgan(checkpoint_path, config_path, out_dir, *,
                           noisy_gumbel: bool = False, state_dict=None) -> str:
   """Converts a reference first stage into a pretrained directory."""
-  from vqgan_jax import checkpoint  # pylint: disable=g-import-not-at-top
   model, variables, extras = convert_taming_vqgan(
       checkpoint_path, config_path, noisy_gumbel=noisy_gumbel,
       state_dict=state_dict)
@@ -432,7 +431,7 @@ def main(argv=None) -> int:
   checkpoint_path, config_path, out_dir = fv.checkpoint, fv.config, fv.out
   try:
     cfg = read_reference_config(config_path)
-    if os.path.exists(os.path.join(out_dir, "model.json")):
+    if os.path.exists(os.path.join(out_dir, checkpoint.MODEL_FILE)):
       raise ConversionError(
           f"{out_dir} already holds a converted model; choose a new --out "
           "(nothing was overwritten)")

@@ -24,7 +24,6 @@ from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import codes as codes_lib
 from vqgan_jax import conditioning as cond_lib
 from vqgan_jax import config_io
-from vqgan_jax import digest
 from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import losses as losses_lib
 from vqgan_jax import image_io
@@ -33,7 +32,6 @@ from vqgan_jax import sharding as shard_lib
 from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
-from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
 
@@ -143,7 +141,7 @@ def build_model(config, layout: Layout) -> gpt_lib.GPT:
                      f"sequence ({layout.cond_len} conditioning + "
                      f"{layout.image_len} image tokens - 1 = {need})")
   gpt_lib.check_options(g)
-  if g.get("position_embedding") == "rope2d":
+  if g.position_embedding == "rope2d":
     if config.permuter != "identity":
       raise ValueError("config.gpt.position_embedding='rope2d' places tokens "
                        "by raster order; it needs config.permuter='identity' "
