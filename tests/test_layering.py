@@ -1,23 +1,18 @@
 """The package's layers point only down.
 
-The layer map, from the bottom:
+The layer map, from the bottom, is ``LAYERS`` below:
 
-1. Flax modules and pure functions: ``vqgan``, ``modules``, ``quantizers``,
-   ``gpt``, ``losses``, ``discriminator``, ``lpips``, ``inception``,
-   ``conditioning``, ``data``, ``sharding``, ``digest``, ``image_io``, ...
-2. inference: ``sampling``, ``convert``, ``checkpoint`` (the on-disk format
-   and loading), ``codes`` (encoding and caching code grids), ``sample_lib``,
-   ``reconstruct``, ``evaluate``.
-3. training: ``vqgan_jax/training/`` (trainers, the training checkpointer,
-   loop pieces, the config schema, launch).
-4. scripts (``train_*.py``, ``sample.py``), ``benchmarks/`` and ``tests/``.
+1. Flax modules and pure functions (models, quantizers, losses, key maps,
+   data, backend tuning).
+2. inference: sampling, loading and converting checkpoints, code caches,
+   the sample / reconstruct / evaluate tools.
+3. training: ``vqgan_jax/training/``.
+4. scripts (``train_*.py``, ``sample.py``), ``benchmarks/``, ``tests/`` and
+   ``vqgan_jax_testing/``.
 
-A module may import from its own layer or the ones below it. The checks here
-cover what users rely on when they import the library without training it:
-nothing in ``vqgan_jax/`` outside ``vqgan_jax/training/`` imports
-``vqgan_jax.training``, ``benchmarks`` or ``tests``, neither at the top of a
-file nor inside a function, and importing a public inference module in a
-fresh interpreter loads none of them.
+A module may import from its own layer or the ones below it, at the top of
+a file or inside a function alike. Importing a public inference module in a
+fresh interpreter loads no training, benchmark or test module.
 """
 import ast
 import json
@@ -27,7 +22,24 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "vqgan_jax")
-FORBIDDEN = ("vqgan_jax.training", "benchmarks", "tests")
+FORBIDDEN = ("vqgan_jax.training", "benchmarks", "tests", "vqgan_jax_testing")
+
+# Every module (or subpackage) of vqgan_jax/ and its layer. A new module must
+# be placed here, so that its place in the layers is a decision.
+LAYERS = {
+    # 1. Flax modules and pure functions.
+    1: ("modules", "vqgan", "quantizers", "gpt", "attention", "gpt_layers",
+        "kv_cache", "discriminator", "lpips", "inception", "losses",
+        "metrics", "digits_judge", "conditioning", "data", "backends",
+        "config_io", "keymaps", "torch_io", "sharding", "digest", "image_io"),
+    # 2. Inference: sampling, loading and converting checkpoints, the tools.
+    2: ("sampling", "sliding_window", "checkpoint", "convert", "codes",
+        "sample_lib", "reconstruct", "evaluate", "cli"),
+    # 3. Training.
+    3: ("training",),
+}
+LAYER_OF = {f"vqgan_jax.{name}": layer for layer, names in LAYERS.items()
+            for name in names}
 
 # Public inference modules (and the package itself, with its lazy names).
 PUBLIC = ("vqgan_jax", "vqgan_jax.sampling", "vqgan_jax.sample_lib",
@@ -133,3 +145,39 @@ def test_public_inference_modules_import_no_training_module():
   loaded = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not loaded, "importing inference modules loaded " + "; ".join(
       f"{k} -> {', '.join(v)}" for k, v in loaded.items())
+
+
+def _layer(module: str):
+  """The layer of ``vqgan_jax.X[.Y]`` (by its first component), or None."""
+  parts = module.split(".")
+  return LAYER_OF.get(".".join(parts[:2])) if len(parts) > 1 else None
+
+
+def test_every_module_imports_only_its_own_layer_or_lower():
+  unplaced, bad = set(), []
+  for path in _package_files():
+    module = _module_name(path)
+    if module == "vqgan_jax":
+      continue
+    own = _layer(module)
+    if own is None:
+      unplaced.add(module)
+      continue
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for line, name in _imported_names(tree, module,
+                                      path.endswith("__init__.py")):
+      other = _layer(name)
+      if other is not None and other > own:
+        bad.append(f"{os.path.relpath(path, ROOT)}:{line} (layer {own}) "
+                   f"imports {name} (layer {other})")
+  assert not unplaced, f"place these modules in LAYERS: {sorted(unplaced)}"
+  assert not bad, "layers must point down:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_the_layer_test_catches_an_upward_import(tmp_path):
+  """The import scanner sees a deferred import of a higher layer."""
+  tree = ast.parse("def f():\n  from vqgan_jax import sampling\n")
+  names = [n for _, n in _imported_names(tree, "vqgan_jax.losses", False)]
+  assert any(_layer(n) == 2 for n in names), names
+  assert _layer("vqgan_jax.losses") == 1
