@@ -141,7 +141,7 @@ def build_model(config, layout: Layout) -> gpt_lib.GPT:
                      f"sequence ({layout.cond_len} conditioning + "
                      f"{layout.image_len} image tokens - 1 = {need})")
   gpt_lib.check_options(g)
-  if g.position_embedding == "rope2d":
+  if g["position_embedding"] == "rope2d":
     if config.permuter != "identity":
       raise ValueError("config.gpt.position_embedding='rope2d' places tokens "
                        "by raster order; it needs config.permuter='identity' "
