@@ -137,7 +137,6 @@ def main(argv=None):
   cli.parse(fv, argv, __doc__,
             prog="python -m benchmarks.ablations.digits_quantizers")
   a = fv
-  a = fv
   os.makedirs(a.workdir, exist_ok=True)
   results = run(a.workdir, [s for s in a.options.split(",") if s], a.steps,
                 a.seed, a.config_arg)

@@ -193,7 +193,6 @@ def main(argv=None):
   cli.parse(fv, argv, __doc__,
             prog="python -m benchmarks.probes.gpu_stage2_probe")
   a = fv
-  a = fv
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

@@ -36,7 +36,6 @@ def main(argv=None):
   cli.parse(fv, argv, __doc__,
             prog="python -m benchmarks.probes.profile_transformer")
   a = fv
-  a = fv
   if a.threads == 1:  # must precede the first jax import
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false"
