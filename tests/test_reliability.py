@@ -5,7 +5,7 @@ another architecture is refused untouched, bad files are counted,
 checkpoints move across meshes.
 
 The SIGKILL-at-a-checkpoint, SIGTERM and 8 -> 1 -> 4 device stage-1 tests live
-in test_vqgan_trainer.py; these tests cover the rest (the README's
+in test_vqgan_trainer.py; these tests cover the rest (docs/troubleshooting.md's
 "When things go wrong" table lists every fault and its test).
 """
 import hashlib
