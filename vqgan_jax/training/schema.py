@@ -376,6 +376,22 @@ def check_init_from(config, have: Optional[Dict[str, Any]] = None,
 # Entry points
 
 
+def _run_defaults(c: ml_collections.ConfigDict, *, batch_size: int,
+                  num_train_steps: int, eval_batches: int) -> None:
+  """Batch, length, cadence, mesh and the non-finite guard (both stages)."""
+  c.batch_size = batch_size
+  c.num_train_steps = num_train_steps
+  c.seed = 0
+  c.log_every = 50
+  c.eval_every = 5000
+  c.eval_batches = eval_batches
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 3
+  c.mesh = mesh_config()
+  c.partition_rules = ((".*", "fsdp"),)
+  c.max_bad_steps = 20
+
+
 def vqgan_config() -> ml_collections.ConfigDict:
   """Stage-1 defaults: the reference's ImageNet f16 recipe at 256x256."""
   c = ml_collections.ConfigDict()
@@ -384,21 +400,11 @@ def vqgan_config() -> ml_collections.ConfigDict:
   c.loss = _loss_defaults()
   c.disc = _disc_defaults()
   c.optim = _vqgan_optim_defaults()
-  c.batch_size = 12
-  c.num_train_steps = 500_000
-  c.seed = 0
-  c.log_every = 50
-  c.eval_every = 5000
-  c.eval_batches = 8
+  _run_defaults(c, batch_size=12, num_train_steps=500_000, eval_batches=8)
   c.image_every = 5000
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 3
-  c.mesh = mesh_config()
-  c.partition_rules = ((".*", "fsdp"),)
   # A directory written by `python -m vqgan_jax.convert` (or a stage-1
   # workdir) to start from: generator, and discriminator/LPIPS when saved.
   c.init_from = ""
-  c.max_bad_steps = 20
   return c
 
 
@@ -415,21 +421,11 @@ def transformer_config() -> ml_collections.ConfigDict:
   c.pkeep = 1.0
   c.gpt = _gpt_defaults()
   c.optim = _transformer_optim_defaults()
-  c.batch_size = 16
-  c.num_train_steps = 1_000_000
-  c.seed = 0
-  c.log_every = 50
-  c.eval_every = 5000
-  c.eval_batches = 16
+  _run_defaults(c, batch_size=16, num_train_steps=1_000_000, eval_batches=16)
   c.sample_every = 5000
   c.samples_per_class = 2
   c.sample_top_k = 0  # 0: no top-k in the periodic samples
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 3
-  c.mesh = mesh_config()
-  c.partition_rules = ((".*", "fsdp"),)
   c.peak_tflops_per_device = 0.0  # 0: from the device kind when known
-  c.max_bad_steps = 20
   return c
 
 
