@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from vqgan_jax_testing import train_utils as tu
+from vqgan_jax import gan_options
 from vqgan_jax import losses
 from vqgan_jax import modules
 from vqgan_jax import sharding
@@ -35,13 +36,13 @@ def test_r1_penalty_equals_hand_gradient_of_a_linear_discriminator():
   x = jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(4, 4, 2)), jnp.float32)
   linear = lambda im: jnp.sum(im * w, axis=(1, 2, 3))  # one logit per image
-  pen, (logits, aux) = losses.r1_penalty(linear, x)
+  pen, (logits, aux) = gan_options.r1_penalty(linear, x)
   # d(sum_b D(x_b)) / d x_b = w for every image: penalty = ||w||^2.
   np.testing.assert_allclose(pen, np.sum(np.square(w)), rtol=1e-6)
   np.testing.assert_allclose(logits, linear(x), rtol=1e-6)
   assert aux is None
   # Its gradient w.r.t. D's weights (double backprop) is 2 w.
-  g = jax.grad(lambda w_: losses.r1_penalty(
+  g = jax.grad(lambda w_: gan_options.r1_penalty(
       lambda im: jnp.sum(im * w_, axis=(1, 2, 3)), x)[0])(w)
   np.testing.assert_allclose(g, 2 * w, rtol=1e-6)
 
@@ -52,7 +53,7 @@ def test_r1_penalty_of_a_patch_discriminator_with_aux():
   w = jnp.asarray(rng.normal(size=(3, 3, 1)), jnp.float32)
   # Patch logits (B, H, W, 1) = w * x^2: gradient of their sum is 2 w x.
   quad = lambda im: (w * im**2, {"calls": 1})
-  pen, (logits, aux) = losses.r1_penalty(quad, x, has_aux=True)
+  pen, (logits, aux) = gan_options.r1_penalty(quad, x, has_aux=True)
   want = np.mean(np.sum((2 * np.asarray(w) * np.asarray(x))**2, axis=(1, 2, 3)))
   np.testing.assert_allclose(pen, want, rtol=1e-5)
   assert aux == {"calls": 1} and logits.shape == x.shape
@@ -64,27 +65,27 @@ def test_lecam_penalty_and_ema_equal_their_formulas():
   # relu(real - ema_fake)^2 with ema_fake = 0.25: [0.0625, 3.0625, 0] -> mean
   # relu(ema_real - fake)^2 with ema_real = 1.0: [2.25, 0] -> mean
   want = (0.0625 + 3.0625 + 0.0) / 3 + (2.25 + 0.0) / 2
-  got = losses.lecam_penalty(real, fake, ema_real=1.0, ema_fake=0.25)
+  got = gan_options.lecam_penalty(real, fake, ema_real=1.0, ema_fake=0.25)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got.dtype == jnp.float32
   # The EMAs are constants for the gradient; the logits are not.
-  g = jax.grad(lambda r: losses.lecam_penalty(r, fake, 1.0, 0.25))(real)
+  g = jax.grad(lambda r: gan_options.lecam_penalty(r, fake, 1.0, 0.25))(real)
   np.testing.assert_allclose(g, [2 * 0.25 / 3, 2 * 1.75 / 3, 0.0], rtol=1e-6)
-  ema = losses.lecam_ema_update({"real": 1.0, "fake": 0.25}, real, fake, 0.9)
+  ema = gan_options.lecam_ema_update({"real": 1.0, "fake": 0.25}, real, fake, 0.9)
   np.testing.assert_allclose(ema["real"], 0.9 * 1.0 + 0.1 * 0.5, rtol=1e-6)
   np.testing.assert_allclose(ema["fake"], 0.9 * 0.25 + 0.1 * 0.5, rtol=1e-6)
 
 
 def test_gan_warmup_factor():
-  f = lambda step, mode: float(losses.gan_warmup_factor(step, 10, 4, mode))
+  f = lambda step, mode: float(gan_options.gan_warmup_factor(step, 10, 4, mode))
   assert [f(s, "hold") for s in (0, 10, 13, 14, 20)] == [0, 0, 0, 1, 1]
   assert [f(s, "linear") for s in (0, 10, 11, 12, 14, 20)] == [
       0, 0, 0.25, 0.5, 1, 1]
-  assert float(losses.gan_warmup_factor(0, 10, 0)) == 1.0  # off
-  traced = jax.jit(lambda s: losses.gan_warmup_factor(s, 10, 4, "linear"))
+  assert float(gan_options.gan_warmup_factor(0, 10, 0)) == 1.0  # off
+  traced = jax.jit(lambda s: gan_options.gan_warmup_factor(s, 10, 4, "linear"))
   assert float(traced(jnp.int32(13))) == 0.75
   with pytest.raises(ValueError, match="disc_warmup_mode"):
-    losses.gan_warmup_factor(0, 0, 4, "cosine")
+    gan_options.gan_warmup_factor(0, 0, 4, "cosine")
 
 
 # ----------------------------------------------------------------------------

@@ -30,8 +30,9 @@ LAYERS = {
     # 1. Flax modules and pure functions.
     1: ("modules", "vqgan", "quantizers", "gpt", "attention", "gpt_layers",
         "kv_cache", "discriminator", "lpips", "inception", "losses",
-        "metrics", "digits_judge", "conditioning", "data", "backends",
-        "config_io", "keymaps", "torch_io", "sharding", "digest", "image_io"),
+        "gan_options", "metrics", "digits_judge", "conditioning", "data",
+        "backends", "config_io", "keymaps", "torch_io", "sharding", "digest",
+        "image_io"),
     # 2. Inference: sampling, loading and converting checkpoints, the tools.
     2: ("sampling", "sliding_window", "checkpoint", "convert", "codes",
         "sample_lib", "reconstruct", "evaluate", "cli"),

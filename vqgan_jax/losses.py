@@ -1,5 +1,6 @@
 """The losses both trainers call: stage 1 (reconstruction + LPIPS, PatchGAN,
-adaptive weight, GAN regularisers) and stage 2 (token cross-entropy).
+adaptive weight, the GAN regularisers of :mod:`vqgan_jax.gan_options`)
+and stage 2 (token cross-entropy).
 
 Pure functions over arrays and callables, meant to be called inside one
 jitted training step: nothing branches in Python on a traced value (the
@@ -53,6 +54,9 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from vqgan_jax.gan_options import (lecam_ema_update, lecam_penalty,
+                                  r1_penalty)
 
 Array = jax.Array
 Metrics = Dict[str, Array]
@@ -232,117 +236,6 @@ def vqgan_discriminator_loss(logits_real: Array, logits_fake: Array,
 
 
 # ----------------------------------------------------------------------------
-# GAN options beyond the reference (all off by default in the configs).
-
-
-def r1_penalty(disc_fn: Callable[[Array], Any], images: Array, *,
-               has_aux: bool = False) -> Tuple[Array, Any]:
-  """R1 gradient penalty on real images (Mescheder et al., 2018).
-
-  ``mean_b ||d(sum D(x)) / d x_b||^2``: the squared norm, per image, of the
-  gradient of the discriminator's summed output (all patches) with respect
-  to the pixels, averaged over the batch. The training loss adds
-  ``r1_weight * penalty`` (``r1_weight`` is the paper's ``gamma / 2``).
-  Differentiable w.r.t. whatever ``disc_fn`` closes over (double backprop).
-
-  Args:
-    disc_fn: ``images -> logits`` or, with ``has_aux``, ``-> (logits, aux)``.
-    images: (B, H, W, C) real images.
-    has_aux: whether ``disc_fn`` returns ``(logits, aux)``.
-
-  Returns:
-    ``(penalty, (logits, aux))``: the float32 scalar penalty, and the
-    logits (and aux, else None) of the same call, so the caller's hinge
-    loss can reuse them.
-  """
-  def total(x):
-    out = disc_fn(x)
-    logits, aux = out if has_aux else (out, None)
-    return jnp.sum(_f32(logits)), (logits, aux)
-
-  grad, (logits, aux) = jax.grad(total, has_aux=True)(_f32(images))
-  per_image = jnp.sum(jnp.square(grad.reshape(grad.shape[0], -1)), axis=-1)
-  return jnp.mean(per_image), (logits, aux)
-
-
-def lecam_penalty(logits_real: Array, logits_fake: Array, ema_real: Array,
-                  ema_fake: Array) -> Array:
-  """LeCam regulariser of the discriminator (Tseng et al., 2021).
-
-  ``mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(G(z)))^2)``: it
-  pulls real outputs no higher than the running mean of fake outputs and
-  fake outputs no lower than that of real ones (the hinge form of the
-  authors' code), which bounds how far apart D's outputs drift.
-
-  Args:
-    logits_real: D's outputs on real images (any shape).
-    logits_fake: D's outputs on reconstructions.
-    ema_real: running mean of D's mean output on real images (scalar).
-    ema_fake: running mean of D's mean output on reconstructions.
-
-  Returns:
-    float32 scalar.
-  """
-  ema_real = jax.lax.stop_gradient(_f32(ema_real))
-  ema_fake = jax.lax.stop_gradient(_f32(ema_fake))
-  return (jnp.mean(jnp.square(jax.nn.relu(_f32(logits_real) - ema_fake))) +
-          jnp.mean(jnp.square(jax.nn.relu(ema_real - _f32(logits_fake)))))
-
-
-def lecam_ema_update(ema: Dict[str, Array], logits_real: Array,
-                     logits_fake: Array, decay: float) -> Dict[str, Array]:
-  """One step of the running means that :func:`lecam_penalty` uses.
-
-  Args:
-    ema: ``{'real', 'fake'}`` float32 scalars.
-    logits_real: D's outputs on real images this step.
-    logits_fake: D's outputs on reconstructions this step.
-    decay: EMA decay in [0, 1).
-
-  Returns:
-    ``{'real', 'fake'}`` with ``new = decay * old + (1 - decay) * mean``.
-  """
-  d = _f32(decay)
-  upd = lambda old, x: jax.lax.stop_gradient(
-      d * _f32(old) + (1.0 - d) * jnp.mean(_f32(x)))
-  return {"real": upd(ema["real"], logits_real),
-          "fake": upd(ema["fake"], logits_fake)}
-
-
-GAN_WEIGHT_MODES = ("adaptive", "fixed")
-WARMUP_MODES = ("hold", "linear")
-
-
-def gan_warmup_factor(step: Any, disc_start: int, warmup_steps: int,
-                      mode: str = "hold") -> Array:
-  """How much of the GAN term reaches the generator while D warms up.
-
-  The discriminator trains from ``disc_start``; its loss reaches the
-  generator only from ``disc_start + warmup_steps`` (``'hold'``: 0 then 1),
-  or ramps linearly from 0 at ``disc_start`` to 1 at ``disc_start +
-  warmup_steps`` (``'linear'``). ``warmup_steps == 0`` is always 1 (the
-  reference). ``step`` may be traced.
-
-  Args:
-    step: global step.
-    disc_start: first step the discriminator trains.
-    warmup_steps: warm-up length in steps (>= 0).
-    mode: ``'hold'`` or ``'linear'``.
-
-  Returns:
-    float32 scalar in [0, 1].
-  """
-  if mode not in WARMUP_MODES:
-    raise ValueError(f"disc_warmup_mode={mode!r}; valid: {WARMUP_MODES}")
-  if warmup_steps <= 0:
-    return jnp.ones((), jnp.float32)
-  s = _f32(step) - _f32(disc_start)
-  if mode == "hold":
-    return jnp.where(s >= warmup_steps, 1.0, 0.0).astype(jnp.float32)
-  return jnp.clip(s / _f32(warmup_steps), 0.0, 1.0)
-
-
-# ----------------------------------------------------------------------------
 # The two objectives of one stage-1 train step.
 
 
@@ -407,7 +300,7 @@ def vqgan_generator_loss_and_grads(
       discriminator's parameters yourself.
     disc_factor: GAN factor (:func:`adopt_weight` of ``disc_start``; may be
       traced).
-    warmup: GAN warm-up factor (:func:`gan_warmup_factor`).
+    warmup: GAN warm-up factor (:func:`vqgan_jax.gan_options.gan_warmup_factor`).
     codebook_weight: weight of ``q_loss``.
     disc_weight: the reference's ``disc_weight`` (scales the adaptive
       weight).
@@ -489,8 +382,8 @@ def vqgan_discriminator_loss_and_grads(
     disc_factor: factor from ``disc_start`` on.
     disc_start: first step with a non-zero loss.
     disc_loss: ``'hinge'`` or ``'vanilla'``.
-    r1_weight: weight of :func:`r1_penalty` (0: off).
-    lecam_weight: weight of :func:`lecam_penalty` (0: off).
+    r1_weight: weight of :func:`vqgan_jax.gan_options.r1_penalty` (0: off).
+    lecam_weight: weight of :func:`vqgan_jax.gan_options.lecam_penalty` (0: off).
     lecam_ema: ``{'real', 'fake'}`` running means (needed with LeCam).
     lecam_decay: their decay (:func:`lecam_ema_update`).
 

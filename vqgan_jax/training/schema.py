@@ -158,10 +158,12 @@ def _disc_defaults() -> ml_collections.ConfigDict:
 
 def check_loss(lc) -> None:
   """The GAN loss, its weighting, warm-up and regularisers."""
-  from vqgan_jax import losses  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import gan_options  # pylint: disable=g-import-not-at-top
   _choice("loss.disc_loss", lc.disc_loss, DISC_LOSSES)
-  _choice("loss.gan_weight_mode", lc.gan_weight_mode, losses.GAN_WEIGHT_MODES)
-  _choice("loss.disc_warmup_mode", lc.disc_warmup_mode, losses.WARMUP_MODES)
+  _choice("loss.gan_weight_mode", lc.gan_weight_mode,
+          gan_options.GAN_WEIGHT_MODES)
+  _choice("loss.disc_warmup_mode", lc.disc_warmup_mode,
+          gan_options.WARMUP_MODES)
   for name in ("gan_weight", "disc_warmup_steps", "lecam_weight",
                "r1_weight"):
     if lc[name] < 0:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vqgan_jax import gan_options
 from vqgan_jax import losses
 from vqgan_jax import modules
 from vqgan_jax import quantizers
@@ -195,7 +196,7 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
     rng = jax.random.fold_in(state["rng"], state["step"])
     disc_factor = losses.adopt_weight(lc.disc_factor, state["step"],
                                       lc.disc_start)
-    warmup = losses.gan_warmup_factor(state["step"], lc.disc_start,
+    warmup = gan_options.gan_warmup_factor(state["step"], lc.disc_start,
                                       lc.disc_warmup_steps,
                                       lc.disc_warmup_mode)
     g = generator(state, x, rng, lpips_vars, disc_factor, warmup)
