@@ -394,11 +394,13 @@ def child(base_dir, start, stop, out_path, path):
             rec["torch"] = label
       if rec["torch"] == "ok" and rec["ours"] in ("ok", "placeholder"):
         rec["diff"] = _torch_equal(torch, ours, theirs)
-      elif (rec["ours"] == "ok" and base.endswith("zip") and
-            what.startswith(("bytes flipped", "truncated"))):
-        # torch refuses an archive whose directory is damaged where Python's
-        # zipfile does not look; every entry we read passed its CRC-32, so
-        # the result must be the unmutated file's.
+      if (rec["ours"] == "ok" and base.endswith("zip") and
+          what.startswith(("bytes flipped", "truncated")) and
+          (rec["torch"] != "ok" or rec["diff"])):
+        # torch refuses (or reads other bytes from) an archive whose
+        # directory is damaged where Python's zipfile does not look; every
+        # entry we read passed its CRC-32, so the result must be the
+        # unmutated file's.
         rec["torch"] = "zip directory"
         rec["diff"] = _torch_equal(torch, ours, torch.load(
             os.path.join(base_dir, base + ".ckpt"), weights_only=True))

@@ -24,6 +24,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -96,6 +97,20 @@ def _numpy_reconstruct(cls, shape, typecode):
 
 def _numpy_multiarray():
   return np.core.multiarray if hasattr(np, "core") else np._core.multiarray
+
+
+def _check_memo(f):
+  """Refuses memo indices beyond the number of objects stored so far (the
+  pickler numbers them in order): unpickling grows its memo table to the
+  largest index, so one damaged index could ask for tens of GB."""
+  start, stored = f.tell(), 0
+  for op, arg, _ in pickletools.genops(f):
+    if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+      if op.name != "MEMOIZE" and arg > stored:
+        raise CheckpointError(f"pickle memo index {arg} after {stored} "
+                              "stored objects")
+      stored += 1
+  f.seek(start)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -228,8 +243,9 @@ def _load_zip(path) -> Any:
             f"{info.file_size} bytes")
       return _entry(archive, name, file_size)
 
-    unpickler = _Unpickler(
-        io.BytesIO(_entry(archive, pkl[0], file_size)), legacy=False)
+    stream = io.BytesIO(_entry(archive, pkl[0], file_size))
+    _check_memo(stream)
+    unpickler = _Unpickler(stream, legacy=False)
     obj = unpickler.load()
     return materialize(obj, Storages(read), byteorder == "little")
 
@@ -253,8 +269,12 @@ def _plain_load(f) -> Any:
 
 
 def _load_legacy(path) -> Any:
-  file_size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  with open(path, "rb") as raw:
+    # In memory: a damaged length in the pickle then reads what is there
+    # instead of asking the file object for a buffer of that length.
+    f = io.BytesIO(raw.read())
+  file_size = len(f.getbuffer())
+  with f:
     # torch.save's legacy format opens with a pickle (protocol 2 unless
     # `pickle_protocol` said otherwise) of its magic number.
     head = f.read(2)
@@ -276,6 +296,7 @@ def _load_legacy(path) -> Any:
     _plain_load(f)  # sys info
     # Storages come after the object: tensors are recorded first and
     # turned into arrays once every storage has been read and checked.
+    _check_memo(f)
     unpickler = _Unpickler(f, legacy=True)
     obj = unpickler.load()
     keys = _plain_load(f)

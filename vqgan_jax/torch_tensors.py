@@ -240,6 +240,9 @@ def materialize(obj, storages: Storages, little_endian: bool):
   def visit(x, path):
     if id(x) in done:
       return done[id(x)]
+    if isinstance(x, StorageRecord):
+      raise CheckpointError(f"{path or '<top level>'} is a bare storage "
+                            f"(storage {x.key}); only tensors are read")
     if isinstance(x, TensorRecord):
       done[id(x)] = _tensor_array(x, path or "<top level>", storages,
                                   little_endian)
