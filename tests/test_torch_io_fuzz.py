@@ -27,8 +27,16 @@ Where the reader is stricter than torch (it refuses, torch loads):
 - a storage key declared twice with different types or sizes (torch uses the
   first declaration; torch.save never writes this);
 - pickle records torch tolerates but never writes (a non-string storage key,
-  a storage reference with extra fields).
-It is never looser: no file torch refuses is accepted.
+  a storage reference with extra fields, a bare storage outside a tensor,
+  memo indices out of order).
+Where it accepts what torch refuses, it is for torch's own reasons, not the
+data's: its weights-only unpickler allows fewer globals and opcodes (the
+reader keeps unknown classes as inert placeholders), it refuses storages of
+devices the machine lacks, and it refuses some zip archives whose directory
+is damaged where Python's zipfile does not look; then every entry read
+passed its CRC-32 and the result must equal the unmutated file's (checked).
+It never reads out of bounds: no tensor torch refuses for its geometry is
+accepted.
 """
 import copy
 import json

@@ -224,7 +224,7 @@ def _tensor_array(t: TensorRecord, name: str, storages: Storages,
                     for s, d in zip(size, stride)))
   out = np.array(view, dtype=code.newbyteorder("="))
   if dtype == np.bool_:  # any non-zero byte is True (torch: static_cast)
-    return out != 0
+    return out.astype(np.bool_)
   return out.view(dtype)
 
 
