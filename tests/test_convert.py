@@ -13,6 +13,7 @@ import pytest
 
 from vqgan_jax_testing import oracle
 from vqgan_jax_testing import reference_ckpt as rc
+from vqgan_jax_testing import torch_pickle
 import vqgan_jax
 from vqgan_jax import checkpoint
 from vqgan_jax import convert
@@ -104,6 +105,64 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
       torch_io.load_state_dict(bad)
   with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
     torch_io.load_state_dict(tmp_path / "nope.ckpt")
+
+
+def _edit_embedding(ckpt, out, edit):
+  """Writes ``ckpt`` with the record of ``quantize.embedding.weight`` (32x8
+  float32, its own storage) changed by ``edit(args, entries) -> args``."""
+  parsed = torch_pickle.parse(open(ckpt, "rb").read())
+  record = parsed.obj["state_dict"]["quantize.embedding.weight"]
+  entries = list(parsed.entries)
+  record.args = edit(record.args, entries)
+  out.write_bytes(parsed.to_bytes(entries=entries))
+  return out
+
+
+def _storage_offset(args, entries):  # the tensor starts at the storage's end
+  return (args[0], 256) + args[2:]
+
+
+def _huge_stride(args, entries):  # rows 8e9 elements apart
+  return args[:3] + ((8 * 10**9, 1),) + args[4:]
+
+
+def _short_entry(args, entries):  # the storage's archive entry loses 4 bytes
+  name = next(n for n, _ in entries if n.endswith("data/" + args[0].pid[2]))
+  i = [n for n, _ in entries].index(name)
+  entries[i] = (name, entries[i][1][:-4])
+  return args
+
+
+@pytest.mark.parametrize("edit, what", [
+    (_storage_offset, r"size \(32, 8\), stride \(8, 1\) and offset 256 "
+                      r"address element 511, but its storage holds 256 "
+                      r"elements of float32"),
+    (_huge_stride, r"size \(32, 8\), stride \(8000000000, 1\) and offset 0 "
+                   r"address element 248000000007, but its storage holds 256"),
+    (_short_entry, r"declared as 256 elements of FloatStorage \(1024 bytes\), "
+                   r"but the archive entry .*data/\d+ holds 1020 bytes"),
+], ids=["offset", "stride", "short_entry"])
+def test_tensor_outside_its_storage_is_refused_naming_file_and_tensor(
+    tiny_ckpt, tmp_path, capsys, edit, what):
+  """A tensor record that reaches past its storage used to be read from
+  process memory past the buffer (the conversion succeeded, exit 0), and
+  with large strides `convert` and `load_taming_vqgan` died with a
+  segmentation fault; a storage entry shorter than declared was read the
+  same way. torch.load refuses all three; so does the reader, before it
+  reads an element."""
+  _, _, ckpt, yml = tiny_ckpt
+  bad = _edit_embedding(ckpt, tmp_path / "bad.ckpt", edit)
+  message = (re.escape(f"{bad} could not be read as a PyTorch checkpoint: "
+                       "tensor state_dict/quantize.embedding.weight (storage ")
+             + r"\d+\): " + what)
+  with pytest.raises(torch_io.CheckpointError, match=message):
+    convert.load_taming_vqgan(bad, yml)
+  out = tmp_path / "out"
+  assert convert.main(["--checkpoint", str(bad), "--config", str(yml),
+                       "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert re.fullmatch("error: " + message + r".*\n", err), err
+  assert not out.exists()
 
 
 def test_keymaps_import_no_model():

@@ -1,11 +1,19 @@
 """Reads PyTorch checkpoints (``.ckpt`` / ``.pth``) into numpy, without torch.
 
 PyTorch pickles tensors as references to raw storages. This module
-unpickles such files with a restricted unpickler that rebuilds every tensor
-as a ``numpy.ndarray`` and every unknown class (Lightning callbacks,
-omegaconf configs, argparse namespaces, ...) as an inert placeholder, so a
-Lightning checkpoint can be converted on a machine without torch and no code
-from the file is ever executed.
+unpickles such files with a restricted unpickler that records every tensor
+and every storage reference, and turns every unknown class (Lightning
+callbacks, omegaconf configs, argparse namespaces, ...) into an inert
+placeholder, so a Lightning checkpoint can be converted on a machine without
+torch and no code from the file is ever executed.
+
+Nothing in the file is trusted. Each storage's declared size must equal its
+archive entry (zip format) or its recorded size and the bytes present
+(legacy format); each tensor's dtype, size, stride and offset are checked
+against its storage before a single element is read, and the tensor is then
+copied out of a buffer that holds exactly the elements it addresses. Any
+violation is a :class:`CheckpointError` naming the file and the tensor (its
+key path, e.g. ``state_dict/encoder.conv_in.weight``).
 
 Both serialisation formats are handled: the zip archive written by
 torch >= 1.6 and the older "legacy" stream format.
@@ -16,118 +24,101 @@ import collections
 import io
 import os
 import pickle
+import pickletools
+import re
 import struct
 import zipfile
 from typing import Any, Dict
 
 import numpy as np
 
-try:  # bfloat16 storages (ml_dtypes ships with jax)
-  import ml_dtypes
-  _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-  _BF16 = None
-
-
-class CheckpointError(ValueError):
-  """A file that cannot be read as a PyTorch checkpoint."""
-
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32,
-    "DoubleStorage": np.float64,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": _BF16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-_TORCH_DTYPES = {
-    "float32": np.float32, "float": np.float32, "float64": np.float64,
-    "double": np.float64, "float16": np.float16, "half": np.float16,
-    "bfloat16": _BF16, "int64": np.int64, "long": np.int64,
-    "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
-    "uint8": np.uint8, "bool": np.bool_,
-}
+from vqgan_jax.torch_tensors import CheckpointError
+from vqgan_jax.torch_tensors import DType
+from vqgan_jax.torch_tensors import MAX_INDEX
+from vqgan_jax.torch_tensors import Placeholder
+from vqgan_jax.torch_tensors import STORAGE_DTYPES
+from vqgan_jax.torch_tensors import StorageRecord
+from vqgan_jax.torch_tensors import Storages
+from vqgan_jax.torch_tensors import StorageType
+from vqgan_jax.torch_tensors import TORCH_DTYPES
+from vqgan_jax.torch_tensors import TensorRecord
+from vqgan_jax.torch_tensors import is_int
+from vqgan_jax.torch_tensors import materialize
+from vqgan_jax.torch_tensors import short
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
 
-
-class _StorageType:
-  """Stands for ``torch.FloatStorage`` etc. in a pickle."""
-
-  def __init__(self, name):
-    self.dtype = _STORAGE_DTYPES.get(name)
-    self.name = name
-
-
-class _DType:
-  """Stands for a ``torch.dtype`` object such as ``torch.float32``."""
-
-  def __init__(self, name):
-    self.dtype = _TORCH_DTYPES.get(name)
-    self.name = name
-
-
-class Placeholder:
-  """An object of a class this reader does not know; keeps its state."""
-
-  def __init__(self, *args, **kwargs):
-    self._args = args
-    self._kwargs = kwargs
-    self._state = None
-
-  def __setstate__(self, state):
-    self._state = state
-
-  # Some pickled classes (dict/list subclasses) receive items after creation.
-  def __setitem__(self, key, value):
-    if self._state is None:
-      self._state = {}
-    if isinstance(self._state, dict):
-      self._state[key] = value
-
-  def append(self, value):
-    self.extend([value])
-
-  def extend(self, values):
-    if not isinstance(self._state, list):
-      self._state = []
-    self._state.extend(values)
+_LOCATION = re.compile(
+    r"(cpu|cuda|mps|xpu|hpu|meta|xla|mtia|ipu|privateuseone)(:[0-9]+)?")
 
 
 def _placeholder_class(module, name):
   return type(name, (Placeholder,), {"__module__": "placeholder." + module})
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused_args):
-  array, = storage
-  size = tuple(int(s) for s in size)
-  stride = tuple(int(s) for s in stride)
-  if not size:
-    return np.array(array[storage_offset])
-  itemsize = array.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(
-      array[storage_offset:], shape=size,
-      strides=tuple(s * itemsize for s in stride))
-  return np.array(view)  # own the memory, C-contiguous
+def _rebuild_tensor(storage, storage_offset, size, stride):
+  return TensorRecord(storage, storage_offset, size, stride)
+
+
+def _check_flags(requires_grad, backward_hooks, metadata):
+  # Ignored, but of the types torch writes (torch checks them too).
+  if not (isinstance(requires_grad, bool) and isinstance(backward_hooks, dict)
+          and (metadata is None or isinstance(metadata, dict))):
+    raise CheckpointError("a tensor record's requires_grad, hooks or "
+                          "metadata are not a bool and dicts")
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
+                       backward_hooks, metadata=None):
+  _check_flags(requires_grad, backward_hooks, metadata)
+  return TensorRecord(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
                        backward_hooks, dtype, metadata=None):
-  return _rebuild_tensor(storage, storage_offset, size, stride)
+  _check_flags(requires_grad, backward_hooks, metadata)
+  return TensorRecord(storage, storage_offset, size, stride, dtype)
 
 
 def _rebuild_parameter(data, *unused_args):
   return data
 
 
+def _numpy_reconstruct(cls, shape, typecode):
+  """numpy's ``_reconstruct`` as numpy's own pickles call it: an empty array
+  that BUILD then fills (numpy checks the state's length). Any other shape
+  would allocate whatever the file asks for."""
+  if cls is not np.ndarray or shape != (0,):
+    raise CheckpointError(f"unexpected numpy array record ({short.repr(cls)},"
+                          f" {short.repr(shape)})")
+  return _numpy_multiarray()._reconstruct(cls, shape, typecode)
+
+
+def _numpy_multiarray():
+  return np.core.multiarray if hasattr(np, "core") else np._core.multiarray
+
+
+def _check_memo(f):
+  """Refuses memo indices beyond the number of objects stored so far (the
+  pickler numbers them in order): unpickling grows its memo table to the
+  largest index, so one damaged index could ask for tens of GB."""
+  start, stored = f.tell(), 0
+  for op, arg, _ in pickletools.genops(f):
+    if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+      if op.name != "MEMOIZE" and arg > stored:
+        raise CheckpointError(f"pickle memo index {arg} after {stored} "
+                              "stored objects")
+      stored += 1
+  f.seek(start)
+
+
 class _Unpickler(pickle.Unpickler):
-  """Rebuilds tensors as numpy arrays; everything unknown becomes inert."""
+  """Records tensors and storages; everything unknown becomes inert.
+
+  ``legacy``: storage references have the legacy format's six fields
+  instead of the zip format's five.
+  """
 
   _SAFE = {
       ("collections", "OrderedDict"): collections.OrderedDict,
@@ -136,53 +127,97 @@ class _Unpickler(pickle.Unpickler):
       ("builtins", "frozenset"): frozenset,
       ("builtins", "slice"): slice,
       ("builtins", "complex"): complex,
-      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
       ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
       ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
       ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
       ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
   }
 
-  def __init__(self, file, load_storage):
+  def __init__(self, file, legacy):
     super().__init__(file)
-    self._load_storage = load_storage
+    self._legacy = legacy
+    self.storages: Dict[str, StorageRecord] = {}
+    self._classes = {}
 
   def find_class(self, module, name):
     if (module, name) in self._SAFE:
       return self._SAFE[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    if module == "torch" and name in _TORCH_DTYPES:
-      return _DType(name)
-    if module == "numpy.core.multiarray" or module == "numpy._core.multiarray":
-      if name in ("scalar", "_reconstruct"):
-        return getattr(np.core.multiarray if hasattr(np, "core") else
-                       np._core.multiarray, name)
+    if (module == "torch" and name in STORAGE_DTYPES or
+        (module, name) == ("torch.storage", "UntypedStorage")):
+      return StorageType(name)
+    if module == "torch" and name in TORCH_DTYPES:
+      return DType(name)
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+      if name == "scalar":
+        return _numpy_multiarray().scalar
+      if name == "_reconstruct":
+        return _numpy_reconstruct
     if module == "numpy" and name in ("dtype", "ndarray"):
       return getattr(np, name)
-    return _placeholder_class(module, name)
+    if (module, name) not in self._classes:
+      self._classes[(module, name)] = _placeholder_class(module, name)
+    return self._classes[(module, name)]
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-      raise CheckpointError(f"unsupported persistent id {pid!r}")
-    storage_type, key, numel = pid[1], str(pid[2]), pid[4]
-    if isinstance(storage_type, _StorageType):
-      dtype = storage_type.dtype
-    elif isinstance(storage_type, _DType):
-      dtype = storage_type.dtype
-    else:  # UntypedStorage: bytes
-      dtype = np.uint8
-    if dtype is None:
+    fields = 6 if self._legacy else 5
+    if not (isinstance(pid, tuple) and len(pid) == fields and
+            pid[0] == "storage"):
+      raise CheckpointError(f"unsupported persistent id {short.repr(pid)}")
+    storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+    if not isinstance(key, str):
+      raise CheckpointError(f"storage key {short.repr(key)} is not a string")
+    # Storages saved from any device are read to the host, but the tag must
+    # be one torch writes.
+    if not (isinstance(location, str) and _LOCATION.fullmatch(location)):
+      raise CheckpointError(f"storage {key} has an unknown device "
+                            f"{short.repr(location)}")
+    if self._legacy and getattr(storage_type, "name", "") == "UntypedStorage":
+      raise CheckpointError("an untyped storage in a legacy-format file (torch "
+                            "cannot read it either)")
+    if self._legacy and pid[5] is not None:
+      raise CheckpointError("legacy storage views are not supported; re-save "
+                            "the checkpoint with a current torch")
+    if (not isinstance(storage_type, (StorageType, DType)) or
+        storage_type.dtype is None):
+      name = getattr(storage_type, "name",
+                     getattr(storage_type, "__name__", storage_type))
+      raise CheckpointError(f"storage {key} has type {short.repr(name)}, "
+                            "which this reader does not support")
+    if not is_int(numel) or not 0 <= numel <= MAX_INDEX:
+      raise CheckpointError(f"storage {key} declares {short.repr(numel)} "
+                            "elements")
+    storage = StorageRecord(key, storage_type.name, storage_type.dtype, numel)
+    seen = self.storages.setdefault(key, storage)
+    if (seen.dtype, seen.numel) != (storage.dtype, storage.numel):
       raise CheckpointError(
-          f"storage type {getattr(storage_type, 'name', storage_type)} is not "
-          "supported")
-    # A one-element tuple so that as_strided views share one base array.
-    return (self._load_storage(key, np.dtype(dtype), numel),)
+          f"storage {key} is declared both as {seen.numel} elements of "
+          f"{seen.type_name} and as {numel} elements of {storage_type.name}")
+    return seen
+
+
+def _entry(archive, name, size_limit):
+  """An entry's bytes; only uncompressed entries inside the file are read."""
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise CheckpointError(f"the archive has no entry {name}") from None
+  if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x41:
+    raise CheckpointError(
+        f"entry {name} is compressed or encrypted (method "
+        f"{info.compress_type}); torch.save writes uncompressed archives")
+  if info.file_size > size_limit:
+    raise CheckpointError(f"entry {name} claims {info.file_size} bytes, more "
+                          "than the file holds")
+  return archive.read(info)
 
 
 def _load_zip(path) -> Any:
+  file_size = os.path.getsize(path)
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
+    if len(set(names)) != len(names):
+      raise CheckpointError("the archive holds two entries of the same name")
     pkl = [n for n in names if n.endswith("data.pkl")]
     if not pkl:
       raise CheckpointError(f"{path}: a zip file without data.pkl is not a "
@@ -190,18 +225,29 @@ def _load_zip(path) -> Any:
     prefix = pkl[0][:-len("data.pkl")]
     byteorder = "little"
     if prefix + "byteorder" in names:
-      byteorder = archive.read(prefix + "byteorder").decode().strip()
-    cache = {}
+      byteorder = _entry(archive, prefix + "byteorder", 16).decode()
+      if byteorder not in ("little", "big"):
+        raise CheckpointError(f"byte order {byteorder!r} is neither 'little' "
+                              "nor 'big'")
 
-    def load_storage(key, dtype, numel):
-      if key not in cache:
-        raw = archive.read(f"{prefix}data/{key}")
-        dt = dtype.newbyteorder("<" if byteorder == "little" else ">")
-        cache[key] = np.frombuffer(raw, dtype=dt).astype(dtype, copy=False)
-      return cache[key]
+    def read(storage):
+      name = f"{prefix}data/{storage.key}"
+      try:
+        info = archive.getinfo(name)
+      except KeyError:
+        raise CheckpointError(f"the archive has no entry {name}") from None
+      if info.file_size != storage.nbytes:
+        raise CheckpointError(
+            f"declared as {storage.numel} elements of {storage.type_name} "
+            f"({storage.nbytes} bytes), but the archive entry {name} holds "
+            f"{info.file_size} bytes")
+      return _entry(archive, name, file_size)
 
-    with archive.open(pkl[0]) as f:
-      return _Unpickler(io.BytesIO(f.read()), load_storage).load()
+    stream = io.BytesIO(_entry(archive, pkl[0], file_size))
+    _check_memo(stream)
+    unpickler = _Unpickler(stream, legacy=False)
+    obj = unpickler.load()
+    return materialize(obj, Storages(read), byteorder == "little")
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -214,8 +260,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
                           "checkpoint's header")
 
   def persistent_load(self, pid):
-    raise CheckpointError(f"unexpected persistent id {pid!r} in a legacy "
-                          "checkpoint's header")
+    raise CheckpointError(f"unexpected persistent id {short.repr(pid)} in a "
+                          "legacy checkpoint's header")
 
 
 def _plain_load(f) -> Any:
@@ -223,7 +269,12 @@ def _plain_load(f) -> Any:
 
 
 def _load_legacy(path) -> Any:
-  with open(path, "rb") as f:
+  with open(path, "rb") as raw:
+    # In memory: a damaged length in the pickle then reads what is there
+    # instead of asking the file object for a buffer of that length.
+    f = io.BytesIO(raw.read())
+  file_size = len(f.getbuffer())
+  with f:
     # torch.save's legacy format opens with a pickle (protocol 2 unless
     # `pickle_protocol` said otherwise) of its magic number.
     head = f.read(2)
@@ -238,74 +289,46 @@ def _load_legacy(path) -> Any:
       raise CheckpointError(
           f"{path} could not be read as a PyTorch checkpoint (bad magic "
           "number); is the file complete and written by torch.save?")
-    _plain_load(f)  # protocol version
+    version = _plain_load(f)
+    if version != _LEGACY_PROTOCOL:
+      raise CheckpointError(f"legacy protocol version {short.repr(version)} "
+                            f"is not {_LEGACY_PROTOCOL}")
     _plain_load(f)  # sys info
-    # Storages come after the object, so tensors are rebuilt lazily.
-    placeholders = {}
-
-    def lazy_storage(key, dtype, numel):
-      placeholders.setdefault(key, (dtype, numel))
-      return _LazyStorage(key)
-
-    unpickler = _LegacyUnpickler(f, lazy_storage)
+    # Storages come after the object: tensors are recorded first and
+    # turned into arrays once every storage has been read and checked.
+    _check_memo(f)
+    unpickler = _Unpickler(f, legacy=True)
     obj = unpickler.load()
     keys = _plain_load(f)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+            and len(set(keys)) == len(keys)):
+      raise CheckpointError(f"the storage key list {short.repr(keys)} is not "
+                            "a list of distinct strings")
     data = {}
     for key in keys:
-      dtype, expected = placeholders[str(key)]
-      numel, = struct.unpack("<q", f.read(8))
-      if numel != expected:
+      storage = unpickler.storages.get(key)
+      if storage is None:
+        raise CheckpointError(f"storage {key} has data but no tensor")
+      head = f.read(8)
+      if len(head) != 8:
+        raise CheckpointError(f"storage {key}: the file ends before its data")
+      numel, = struct.unpack("<q", head)
+      if numel != storage.numel:
         raise CheckpointError(
-            f"{path}: storage {key} holds {numel} elements where its tensors "
-            f"expect {expected}; the file is damaged")
-      data[str(key)] = np.frombuffer(
-          f.read(numel * np.dtype(dtype).itemsize), dtype=dtype)
-  return _resolve(obj, data)
+            f"storage {key} holds {numel} elements where its tensors "
+            f"expect {storage.numel}; the file is damaged")
+      if storage.nbytes > file_size - f.tell():
+        raise CheckpointError(
+            f"storage {key}: {storage.nbytes} bytes declared, "
+            f"{file_size - f.tell()} left in the file; is the file complete?")
+      data[key] = f.read(storage.nbytes)
 
+  def read(storage):
+    if storage.key not in data:
+      raise CheckpointError("the file holds no data for it")
+    return data[storage.key]
 
-class _LazyStorage:
-
-  def __init__(self, key):
-    self.key = key
-
-
-class _LazyTensor:
-
-  def __init__(self, key, offset, size, stride):
-    self.key, self.offset, self.size, self.stride = key, offset, size, stride
-
-
-class _LegacyUnpickler(_Unpickler):
-
-  def find_class(self, module, name):
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2",
-                                             "_rebuild_tensor"):
-      return lambda storage, offset, size, stride, *a: _LazyTensor(
-          storage[0].key, offset, size, stride)
-    return super().find_class(module, name)
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-      raise CheckpointError(f"unsupported persistent id {pid!r}")
-    storage_type, key, numel = pid[1], str(pid[2]), pid[4]
-    if len(pid) > 5 and pid[5] is not None:
-      raise CheckpointError("legacy storage views are not supported; re-save "
-                            "the checkpoint with a current torch")
-    return (self._load_storage(key, np.dtype(storage_type.dtype), numel),)
-
-
-def _resolve(obj, data):
-  if isinstance(obj, _LazyTensor):
-    return _rebuild_tensor((data[obj.key],), obj.offset, obj.size, obj.stride)
-  if isinstance(obj, dict):
-    for k in list(obj.keys()):
-      obj[k] = _resolve(obj[k], data)
-    return obj
-  if isinstance(obj, list):
-    return [_resolve(v, data) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_resolve(v, data) for v in obj)
-  return obj
+  return materialize(obj, Storages(read), little_endian=True)
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
@@ -326,7 +349,9 @@ def load_torch_file(path: str | os.PathLike) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   try:
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      is_zip = f.read(4) == b"PK\x03\x04"  # torch.load's own test
+    if is_zip:
       return _load_zip(path)
     return _load_legacy(path)
   except CheckpointError as e:
@@ -334,11 +359,16 @@ def load_torch_file(path: str | os.PathLike) -> Any:
       raise
     raise CheckpointError(
         f"{path} could not be read as a PyTorch checkpoint: {e}") from e
+  except (PermissionError, IsADirectoryError):
+    raise
   except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError,
           struct.error, ValueError, TypeError, AttributeError, IndexError,
-          OverflowError, MemoryError, RecursionError) as e:
+          OverflowError, MemoryError, RecursionError, OSError,
+          NotImplementedError) as e:
     # Overflow and memory errors: a damaged length field asking for an
-    # impossible allocation (e.g. a pickle FRAME of 2^62 bytes).
+    # impossible allocation (e.g. a pickle FRAME of 2^62 bytes); OSError: a
+    # damaged zip directory sending a seek before the start of the file;
+    # NotImplementedError: zipfile on a damaged version or encryption field.
     raise CheckpointError(
         f"{path} could not be read as a PyTorch checkpoint "
         f"({type(e).__name__}: {e}); is the file complete and written by "
