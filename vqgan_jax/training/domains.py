@@ -4,7 +4,7 @@
 default as ``name=(default, domain)``, with the constructors below
 (:func:`positive_int`, :func:`unit_interval`, :func:`one_of`, ...).
 :meth:`Domain.violation` gives one line naming the field, the value, the
-domain and a fix (an override in command-line syntax); :meth:`Domain.describe`
+domain and a fix; :meth:`Domain.describe`
 gives the domain for ``--config_help``. A domain is data (bounds, choices,
 the domain of a tuple's items), so tests derive the values just outside each
 one from it.
@@ -145,15 +145,12 @@ class Domain:
   def violation(self, field: str, value, default=_NO_DEFAULT
                 ) -> Optional[str]:
     """None for a valid value, else one line: ``config.FIELD=VALUE``, the
-    domain and a fix. ``default`` (a valid value) is offered as the fix."""
+    domain and a fix; a tuple's fix shows ``default`` in override syntax."""
     problem = self._problem(field, value)
     if problem is None:
       return None
     if problem:  # one entry of a mapping
-      axis = problem.rsplit(".", 1)[1]
-      known = default.get(axis) if hasattr(default, "items") else None
-      return self.item.violation(problem, value[axis],
-                                 _NO_DEFAULT if known is None else known)
+      return self.item.violation(problem, value[problem.rsplit(".", 1)[1]])
     name = f"config.{field}"
     if self.kind == "choice":
       note = f" ({self.note})" if self.note else ""

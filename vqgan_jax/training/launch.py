@@ -35,11 +35,11 @@ config_flags.DEFINE_config_file(
     "Training config file, FILE.py[:ARG]. Override any field with "
     "--config.FIELD=VALUE: numbers and strings as they are "
     "(--config.optim.learning_rate=2e-4, --config.dataset=folder:/data/x), "
-    "booleans --config.gpt.remat=true or =false, tuples in quotes "
-    "('--config.model.attn_resolutions=(16,)', the empty tuple "
-    "'--config.model.attn_resolutions=()'), nested fields by their dotted "
-    "name (--config.model.quantizer_options.vq.beta=0.5). --config_help "
-    "lists every field.", lock_config=True)
+    "booleans --config.gpt.remat=true or =false, tuples quoted for the "
+    "shell: --config.model.attn_resolutions='(16,)', the empty tuple "
+    "--config.model.attn_resolutions='()'; nested fields by their dotted "
+    "name: --config.model.quantizer_options.vq.beta=0.5. --config_help "
+    "lists every field (docs/configs.md).", lock_config=True)
 flags.DEFINE_bool("config_help", False,
                   "Print every field of --config (after the overrides) with "
                   "its value and its valid values, one per line, and exit.")
