@@ -1,6 +1,11 @@
 """One config schema: each check exists once, so both trainers (and the data
-pipeline) give the same message for the same mistake."""
+pipeline) give the same message for the same mistake; every field has a
+declared domain, and the values just outside each domain are refused with
+one line before anything is touched."""
+import copy
+import math
 import os
+import re
 
 import jax
 import pytest
@@ -38,6 +43,8 @@ def _vqgan_dir(path):
     ("max_bad_steps", 0, r"config\.max_bad_steps=0 must be >= 1"),
     ("log_every", 0, r"config\.log_every=0 must be > 0"),
     ("num_train_steps", -1, r"config\.num_train_steps=-1 must be >= 0"),
+    ("optim.learning_rate", -1e-3, r"config\.optim\.learning_rate=-0\.001 must be >= 0"),
+    ("mesh", {"data": 0}, r"config\.mesh\.data=0 must be >= 1 or -1"),
     ("optim.lr_scaling", "linear", r"config\.optim\.lr_scaling='linear'; valid"),
 ])
 def test_both_trainers_raise_the_same_message_for_the_same_mistake(tmp_path, monkeypatch,
@@ -75,3 +82,194 @@ def test_every_default_config_passes_its_stage_checks():
   gpt.vqgan_workdir = "/somewhere"
   schema.check_transformer(gpt)
   schema.check_batch(gpt, {"data": 8})
+
+
+# ----------------------------------------------------------------------------
+# Declared domains: every field has one, and the values just outside it are
+# derived from it, so a new field is covered without a new test.
+
+STAGES = ("vqgan", "transformer")
+SHIPPED = {"vqgan": [("digits_vqgan", ""), ("digits_vqgan", "test"),
+                     ("imagenet_vqgan", "f16_16384,bf16"), ("folder_vqgan", "/d"),
+                     ("faces_vqgan", "/d")],
+           "transformer": [("digits_transformer", ""), ("imagenet_transformer", "bf16,cfg"),
+                           ("faces_transformer", "/d"), ("depth_transformer", "/d")]}
+
+
+def _valid(stage):
+  if stage == "vqgan":
+    return schema.vqgan_config()
+  c = schema.transformer_config()
+  c.vqgan_workdir = "/somewhere"
+  return c
+
+
+def _fields(config, table, prefix=""):
+  """The dotted fields of ``config``; a field the table declares is a leaf
+  even when its value is a mapping (the mesh)."""
+  out = []
+  for key, value in config.items():
+    field = prefix + key
+    if hasattr(value, "items") and field not in table:
+      out += _fields(value, table, field + ".")
+    else:
+      out.append(field)
+  return out
+
+
+def _outside(d):
+  """Values just outside domain ``d`` and values of the wrong type."""
+  bad = [None]
+  if d.kind in ("int", "float"):
+    step = (lambda x, up: x + (1 if up else -1)) if d.kind == "int" else (
+        lambda x, up: math.nextafter(x, math.inf if up else -math.inf))
+    if d.lo is not None:
+      bad.append(d.lo if d.lo_open else step(d.lo, False))
+    if d.hi is not None:
+      bad.append(d.hi if d.hi_open else step(d.hi, True))
+    bad += ["1", True] + ([1.5] if d.kind == "int" else [math.nan, math.inf])
+  elif d.kind == "bool":
+    bad += [1, "true"]
+  elif d.kind == "str":
+    bad += [3, ("a",)] + ([""] if d.nonempty else [])
+  elif d.kind == "choice":
+    c = d.choices[0]
+    bad += ([c + "_x", 1] if isinstance(c, str) else
+            [max(d.choices) + 1, str(c), True, float(c)])
+  elif d.kind == "tuple":
+    bad += ["16", ("",)] + [(x,) for x in _outside(d.item)[1:3]]
+    bad += [()] if d.nonempty else []
+  elif d.kind == "mesh":
+    bad += ["data"] + [{"data": x} for x in _outside(d.item)[1:]]
+  elif d.kind == "rules":
+    bad += ["fsdp", (("(", "fsdp"),), ((".*", "shard"),), ((".*",),), ((1, "fsdp"),)]
+  else:
+    raise AssertionError(f"no bad values derived for a {d.kind!r} domain")
+  return [b for b in bad if not (b is None and d.optional) and b not in d.also]
+
+
+def _inside(d):
+  """Valid values at the edges of ``d``."""
+  if d.kind in ("int", "float"):
+    one = 1 if d.kind == "int" else 1e-9
+    out = [d.lo + one if d.lo_open else d.lo] if d.lo is not None else [7]
+    out += [d.hi - one if d.hi_open else d.hi] if d.hi is not None else []
+    return out + list(d.also)
+  if d.kind == "tuple":
+    return [(_inside(d.item)[0],)] + [()] * (not d.nonempty)
+  return {"bool": [True, False], "choice": list(d.choices),
+          "str": ["x"] + [""] * (not d.nonempty),
+          "mesh": [{"data": -1, "fsdp": 2}], "rules": [((".*", ("data", None)),)]}[d.kind]
+
+
+def _value(config, field):
+  for key in field.split("."):
+    config = config[key]
+  return config
+
+
+def _set_any(config, field, value):
+  with config.ignore_type():
+    _set(config, field, value)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_field_has_a_domain_and_every_default_lies_in_it(stage):
+  table = schema.field_domains(stage)
+  fields = _fields(_valid(stage), table)
+  assert not [f for f in fields if table.get(f, (0, None))[1] is None], "fields without a domain"
+  assert not set(table) - set(fields), "domains of fields the builder lacks"
+  valid = _valid(stage)  # the defaults, and a path where one is required
+  assert not [f for f, (_, d) in table.items() if not d.contains(_value(valid, f))]
+  for name, arg in SHIPPED[stage]:  # a config file adds no undeclared field
+    c = tu.load_config(name, arg)
+    assert set(_fields(c, table)) == set(fields), (name, arg)
+    assert schema.stage_of(c) == stage
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_values_outside_each_declared_domain_are_refused_naming_field_and_fix(stage):
+  check = {"vqgan": schema.check_vqgan, "transformer": schema.check_transformer}[stage]
+  base = _valid(stage)
+  check(base)
+  cases = 0
+  for field, (_, domain) in schema.field_domains(stage).items():
+    for v in _inside(domain):
+      assert domain.contains(v), (field, v)
+    for bad in _outside(domain):
+      c = copy.deepcopy(base)
+      _set_any(c, field, bad)
+      bad = _value(c, field)  # as ConfigDict stores it (True in a float field: 1.0)
+      if domain.contains(bad):
+        continue
+      with pytest.raises(schema.ConfigError) as e:  # not ZeroDivisionError & co.
+        check(c)
+      message = str(e.value)
+      assert "\n" not in message, message
+      if domain.kind == "mesh":
+        assert message.startswith(f"config.{field}"), (field, bad, message)
+      else:
+        assert message.startswith(f"config.{field}={bad!r}"), (field, bad, message)
+        assert "; valid: " in message or ("must be" in message and "--config." in message), \
+            message
+      cases += 1
+  assert cases > 200
+
+
+@pytest.mark.parametrize("field,value,message", [  # once a traceback or a silent run
+    ("model.resolution", 0, "config.model.resolution=0 must be > 0"),
+    ("model.n_embed", 0, "config.model.n_embed=0 must be > 0"),
+    ("model.ch_mult", (), "config.model.ch_mult=() must be a non-empty tuple"),
+    ("optim.learning_rate", -1e-4, "config.optim.learning_rate=-0.0001 must be >= 0"),
+    ("model.quantizer_options.fsq.levels", (8, 1), "config.model.quantizer_options.fsq.levels"),
+])
+def test_reported_bad_values_are_refused(field, value, message):
+  c = _valid("vqgan")
+  _set(c, field, value)
+  with pytest.raises(schema.ConfigError, match=re.escape(message)):
+    schema.check_vqgan(c)
+
+
+def test_the_tuple_override_syntax_is_told_by_the_error():
+  c = _valid("vqgan")
+  c.model.attn_resolutions = ("",)  # what `--config.model.attn_resolutions=` gives
+  with pytest.raises(schema.ConfigError, match=re.escape(
+      "config.model.attn_resolutions=('',) must be a tuple of (integer > 0); write it as "
+      "'--config.model.attn_resolutions=(16,)', or '--config.model.attn_resolutions=()' "
+      "for none")):
+    schema.check_vqgan(c)
+
+
+def _digest(directory):
+  return {os.path.relpath(os.path.join(root, n), directory):
+          open(os.path.join(root, n), "rb").read()
+          for root, _, files in os.walk(directory) for n in files}
+
+
+def test_a_bad_value_exits_2_with_one_line_and_leaves_the_workdir_untouched(tmp_path):
+  wd = _vqgan_dir(tmp_path / "wd")
+  (tmp_path / "wd" / "metrics.jsonl").write_text('{"step": 2, "loss": 0.5}\n')
+  (tmp_path / "wd" / "checkpoints" / "2").mkdir(parents=True)
+  (tmp_path / "wd" / "checkpoints" / "2" / "data").write_bytes(b"\0" * 64)
+  before = _digest(wd)
+  r = tu.run_python(["train_vqgan.py", "--config=configs/digits_vqgan.py:test",
+                     f"--workdir={wd}", "--config.optim.learning_rate=-1e-3"],
+                    check=False, timeout=300)
+  assert r.returncode == schema.EXIT_CONFIG, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert lines == ["error: config.optim.learning_rate=-0.001 must be >= 0 (0 freezes the "
+                   "weights); set --config.optim.learning_rate to a valid value (--config_help "
+                   "lists every field and its domain)"], r.stderr[-3000:]
+  assert _digest(wd) == before
+
+
+def test_config_help_lists_every_field_with_its_value_and_domain():
+  r = tu.run_python(["train_transformer.py", "--config=configs/digits_transformer.py:test",
+                     "--config.gpt.n_layer=3", "--config_help"], check=False, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.splitlines()
+  c = tu.load_config("digits_transformer", "test")
+  assert len(lines) == len(_fields(c, {})), r.stdout  # the mesh's axes one per line
+  assert not [l for l in lines if "no declared domain" in l]
+  assert "--config.gpt.n_layer=3  " in r.stdout and "integer > 0" in r.stdout
+  assert "'--config.gpt.remat=false" not in r.stdout and "--config.gpt.remat=false" in r.stdout

@@ -2,8 +2,11 @@
 
 Flags: ``--config`` (an ml_collections config file, ``FILE.py[:ARG]``, with
 ``--config.FIELD=VALUE`` overrides), ``--workdir``, the multi-host options,
-``--compilation_cache_dir`` and ``--host_malloc``. The trainer module's
-``train_and_evaluate(config, workdir)`` runs.
+``--compilation_cache_dir``, ``--host_malloc`` and ``--config_help`` (every
+config field with its value and domain). The trainer module's
+``train_and_evaluate(config, workdir)`` runs; its first call checks the whole
+config (`training/schema.py`), so a bad value exits 2 before the workdir,
+the data or any device is touched.
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
 path or dataset, or a workdir whose checkpoints hold another model or
 optimizer than the config (one ``error:`` line on stderr; nothing in the
@@ -27,8 +30,19 @@ from vqgan_jax.training import runtime
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None,
+    "Training config file, FILE.py[:ARG]. Override any field with "
+    "--config.FIELD=VALUE: numbers and strings as they are "
+    "(--config.optim.learning_rate=2e-4, --config.dataset=folder:/data/x), "
+    "booleans --config.gpt.remat=true or =false, tuples quoted for the "
+    "shell: --config.model.attn_resolutions='(16,)', the empty tuple "
+    "--config.model.attn_resolutions='()'; nested fields by their dotted "
+    "name: --config.model.quantizer_options.vq.beta=0.5. --config_help "
+    "lists every field (docs/configs.md).", lock_config=True)
+flags.DEFINE_bool("config_help", False,
+                  "Print every field of --config (after the overrides) with "
+                  "its value and its valid values, one per line, and exit.")
 flags.DEFINE_string("workdir", None,
                     "Directory for checkpoints, metrics and images.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -49,10 +63,18 @@ flags.DEFINE_enum("host_malloc", "default", list(host_memory.HOST_MALLOC_MODES),
 
 def run(trainer_module: str) -> None:
   """Parses flags and runs ``trainer_module.train_and_evaluate``."""
-  flags.mark_flags_as_required(["config", "workdir"])
+  help_only = any(a.split("=")[0] == "--config_help" for a in sys.argv[1:])
+  flags.mark_flags_as_required(["config"] + ["workdir"] * (not help_only))
 
   def main(argv):
     del argv
+    if FLAGS.config_help:
+      from vqgan_jax.training import schema  # pylint: disable=g-import-not-at-top
+      sys.stdout.write(schema.config_help(_loaded_config()))
+      sys.exit(0)
+    if FLAGS.workdir is None:
+      cli.fail("flag --workdir=None: Flag --workdir must have a value other "
+               "than None.")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
     from vqgan_jax.training import schema  # pylint: disable=g-import-not-at-top

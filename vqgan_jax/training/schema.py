@@ -7,6 +7,10 @@ anything compiles, loads data or writes; both trainers call them first thing
 in ``train_and_evaluate``. ``check_vqgan`` / ``check_transformer`` are the
 checks that need only the config (no devices, no files).
 
+Each field is declared once, as ``name=(default, domain)``
+(`training/domains.py`); :func:`check_domains` runs first, so the checks
+between fields see values of the right type and range.
+
 Every problem raises :class:`ConfigError` (a ``ValueError``) with one line
 that names the field, its value and what would be valid;
 ``training/launch.py`` prints it without a traceback and exits with
@@ -17,9 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Tuple
 
 import ml_collections
+
+from vqgan_jax.training import domains as dom
+from vqgan_jax.training.domains import (
+    boolean, fraction, int_at_least, integer, nonneg, nonneg_int, one_of,
+    open_unit, optional, path, positive, positive_int, text, tuple_of,
+    unit_interval)
 
 # Exit codes of the training scripts (launch.py).
 EXIT_CONFIG = 2  # a bad config, path or dataset, or a workdir of another
@@ -42,19 +52,20 @@ def as_config_error():
     raise ConfigError(str(e)) from None
 
 
-def _choice(field: str, value, valid: Sequence[Any]) -> None:
-  if value not in valid:
-    raise ConfigError(f"config.{field}={value!r}; valid: {tuple(valid)}")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------
 # data (both stages)
 
 
-def _data_defaults(c: ml_collections.ConfigDict) -> None:
-  c.dataset = "tfds:imagenet2012"
-  c.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.eval_split = "validation"
+def _data_fields():
+  return dict(
+      dataset=("tfds:imagenet2012", text(
+          "dataset", note="'digits', 'tfds:NAME[:SPLIT]' or 'folder:PATH'")),
+      data_dir=(ml_collections.FieldReference(None, field_type=str),
+                optional(path(note="TFDS data_dir"))),
+      eval_split=("validation", text("split")))
 
 
 def check_dataset(field: str, value: str) -> None:
@@ -76,26 +87,54 @@ VQGAN_ARCH = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
               "embed_dim", "quantizer")
 
 
-def _model_defaults() -> ml_collections.ConfigDict:
+def _model_fields():
   """The reference's ImageNet f16 VQGAN at 256x256."""
   from vqgan_jax import quantizers  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-      attn_resolutions=(16,), dropout=0.0, in_channels=3, resolution=256,
-      z_channels=256, n_embed=1024, embed_dim=256,
-      # 'vq' | 'gumbel' | 'fsq' (n_embed = prod of its levels) | 'lfq'
-      # (n_embed = 2**bits): a family of vqgan_jax.quantizers.REGISTRY.
-      quantizer="vq",
+  return dict(
+      ch=(128, positive_int()), out_ch=(3, positive_int()),
+      ch_mult=((1, 1, 2, 2, 4), tuple_of(positive_int(), nonempty=True)),
+      num_res_blocks=(2, positive_int()),
+      attn_resolutions=((16,), tuple_of(positive_int())),
+      dropout=(0.0, fraction()),
+      in_channels=(3, one_of(1, 3, note="the data pipeline gives 1 "
+                                        "(grayscale) or 3 (RGB) channels")),
+      resolution=(256, positive_int()),
+      z_channels=(256, positive_int()), n_embed=(1024, positive_int()),
+      embed_dim=(256, positive_int()),
+      # fsq: n_embed = prod of its levels; lfq: n_embed = 2**bits.
+      quantizer=("vq", one_of(*quantizers.names())),
       # Each family's options under its name, e.g.
-      # --config.model.quantizer_options.vq.codebook_update=ema; the defaults
-      # (vqgan_jax/quantizers/<family>.py OPTIONS) are the reference's.
-      quantizer_options=quantizers.config_defaults(),
-      dtype="float32", param_dtype="float32"))
+      # --config.model.quantizer_options.vq.codebook_update=ema.
+      quantizer_options=_quantizer_fields(),
+      dtype=("float32", one_of(*DTYPES)),
+      param_dtype=("float32", one_of(*DTYPES)))
+
+
+def _quantizer_fields():
+  """Each family's options; the defaults (the reference's) are its
+  ``OPTIONS`` (vqgan_jax/quantizers/<family>.py)."""
+  from vqgan_jax import quantizers as q  # pylint: disable=g-import-not-at-top
+  entropy = dict(entropy_weight=nonneg("0 = off"),
+                 entropy_temperature=positive(),
+                 quantizer_grad=one_of(*q.GRADIENT_ESTIMATORS))
+  domains = dict(
+      vq=dict(beta=nonneg(), legacy_loss=boolean(),
+              codebook_dim=nonneg_int("0 = not factorised"),
+              l2_codes=boolean(), codebook_update=one_of(*q.CODEBOOK_UPDATES),
+              codebook_ema_decay=open_unit(), codebook_ema_eps=positive(),
+              dead_code_threshold=nonneg("0 = off"), **entropy),
+      gumbel=dict(kl_weight=nonneg(), temperature=positive(),
+                  noisy_inference=boolean()),
+      fsq=dict(levels=tuple_of(int_at_least(2), nonempty=True), **entropy),
+      lfq=dict(beta=nonneg(), **entropy))
+  return {kind: {name: (default, domains.get(kind, {}).get(name))
+                 for name, default in options.items()}
+          for kind, options in q.config_defaults().items()}
 
 
 def check_model(m) -> None:
   """The stage-1 architecture: GroupNorm widths, downsampling, attention,
-  input channels, then the quantizer and its options."""
+  then the quantizer and its options."""
   f = 2**(len(m.ch_mult) - 1)
   widths = [("model.ch", m.ch)] + [(f"model.ch * ch_mult[{i}]", m.ch * k)
                                    for i, k in enumerate(m.ch_mult)]
@@ -115,9 +154,6 @@ def check_model(m) -> None:
     raise ConfigError(
         f"config.model.attn_resolutions contains {never}, never reached; "
         f"reached resolutions are {sorted(reached)}")
-  if m.in_channels not in (1, 3):
-    raise ConfigError(f"config.model.in_channels={m.in_channels}; the data "
-                      "pipeline gives 1 (grayscale) or 3 (RGB) channels")
   check_quantizer(m)
 
 
@@ -134,121 +170,109 @@ def check_quantizer(m) -> None:
 DISC_LOSSES = ("hinge", "vanilla")
 
 
-def _loss_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      disc_start=250001, disc_weight=0.8, disc_factor=1.0,
-      codebook_weight=1.0, perceptual_weight=1.0, disc_loss="hinge",
-      lpips_vgg_path="", lpips_lin_path="",
+def _loss_fields():
+  from vqgan_jax import gan_options  # pylint: disable=g-import-not-at-top
+  return dict(
+      disc_start=(250001, nonneg_int()), disc_weight=(0.8, nonneg()),
+      disc_factor=(1.0, nonneg()), codebook_weight=(1.0, nonneg()),
+      perceptual_weight=(1.0, nonneg("0 = off")),
+      disc_loss=("hinge", one_of(*DISC_LOSSES)),
+      lpips_vgg_path=("", path()),
+      lpips_lin_path=("", path()),
       # GAN options beyond the reference (defaults = the reference).
       # 'adaptive': the reference's gradient-norm ratio times disc_weight;
       # 'fixed': the GAN term weighs exactly gan_weight.
-      gan_weight_mode="adaptive", gan_weight=0.1,
+      gan_weight_mode=("adaptive", one_of(*gan_options.GAN_WEIGHT_MODES)),
+      gan_weight=(0.1, nonneg()),
       # D trains from disc_start; its loss reaches G from disc_start +
       # disc_warmup_steps ('hold') or ramps up over them ('linear').
-      disc_warmup_steps=0, disc_warmup_mode="hold",
+      disc_warmup_steps=(0, nonneg_int()),
+      disc_warmup_mode=("hold", one_of(*gan_options.WARMUP_MODES)),
       # LeCam regulariser on D (EMA of D's real/fake outputs) and R1
       # gradient penalty on real images (r1_weight = gamma / 2).
-      lecam_weight=0.0, lecam_decay=0.999, r1_weight=0.0))
+      lecam_weight=(0.0, nonneg("0 = off")), lecam_decay=(0.999, fraction()),
+      r1_weight=(0.0, nonneg("0 = off")))
 
 
-def _disc_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(n_layers=3, ndf=64,
-                                        use_actnorm=False))
-
-
-def check_loss(lc) -> None:
-  """The GAN loss, its weighting, warm-up and regularisers."""
-  from vqgan_jax import gan_options  # pylint: disable=g-import-not-at-top
-  _choice("loss.disc_loss", lc.disc_loss, DISC_LOSSES)
-  _choice("loss.gan_weight_mode", lc.gan_weight_mode,
-          gan_options.GAN_WEIGHT_MODES)
-  _choice("loss.disc_warmup_mode", lc.disc_warmup_mode,
-          gan_options.WARMUP_MODES)
-  for name in ("gan_weight", "disc_warmup_steps", "lecam_weight",
-               "r1_weight"):
-    if lc[name] < 0:
-      raise ConfigError(f"config.loss.{name}={lc[name]} is negative; use a "
-                        "value >= 0 (0 turns the option off)")
-  if not 0.0 <= lc.lecam_decay < 1.0:
-    raise ConfigError(f"config.loss.lecam_decay={lc.lecam_decay} must be in "
-                      "[0, 1), e.g. 0.999")
+def _disc_fields():
+  return dict(n_layers=(3, positive_int()), ndf=(64, positive_int()),
+              use_actnorm=(False, boolean()))
 
 
 # ----------------------------------------------------------------------------
 # optimizer (both stages)
 
 SCHEDULES = ("constant", "cosine")  # stage 2
+# 'reference': lr = base_learning_rate * global batch (the reference's rule,
+# with its per-device batch times devices); 'none': learning_rate.
+LR_SCALINGS = ("reference", "none")
 
 
-def _vqgan_optim_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      # 'reference': lr = base_learning_rate * global batch (the reference's
-      # rule, with its per-device batch times devices); 'none': learning_rate.
-      lr_scaling="reference", base_learning_rate=4.5e-6, learning_rate=1e-4,
-      b1=0.5, b2=0.9, grad_clip=0.0, ema_decay=0.0))
+def _optim_fields(learning_rate: float, b1: float, b2: float):
+  return dict(
+      lr_scaling=("reference", one_of(*LR_SCALINGS)),
+      base_learning_rate=(4.5e-6, nonneg()),
+      learning_rate=(learning_rate, nonneg("0 freezes the weights")),
+      b1=(b1, fraction()), b2=(b2, fraction()),
+      grad_clip=(0.0, nonneg("0 = off")))
 
 
-def _transformer_optim_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr_scaling="reference", base_learning_rate=4.5e-6, learning_rate=3e-4,
-      b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=0.0,
-      schedule="constant",  # or 'cosine' (with warmup_steps)
-      warmup_steps=0, grad_accum_steps=1))
+def _vqgan_optim_fields():
+  return dict(**_optim_fields(1e-4, 0.5, 0.9),
+              ema_decay=(0.0, fraction("0 = no EMA weights")))
 
 
-def check_optim(config) -> None:
-  """The learning-rate rule (``loop.learning_rate`` rejects an unknown
-  ``lr_scaling``) and, in stage 2, the schedule."""
-  from vqgan_jax.training import loop  # pylint: disable=g-import-not-at-top
-  with as_config_error():
-    loop.learning_rate(config)
-  if "schedule" in config.optim:
-    _choice("optim.schedule", config.optim.schedule, SCHEDULES)
+def _transformer_optim_fields():
+  return dict(
+      **_optim_fields(3e-4, 0.9, 0.95), weight_decay=(0.01, nonneg()),
+      schedule=("constant", one_of(*SCHEDULES)),  # 'cosine': warmup_steps
+      warmup_steps=(0, nonneg_int()), grad_accum_steps=(1, positive_int()))
 
 
 # ----------------------------------------------------------------------------
 # conditioning and GPT (stage 2)
 
-def _conditioning_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      kind="class",          # 'sos' | 'class' | 'codes' | 'coord'
-      sos_token=0,
-      num_classes=1000,
+def _conditioning_fields():
+  from vqgan_jax import conditioning as cond_lib  # pylint: disable=g-import-not-at-top
+  return dict(
+      kind=("class", one_of(*cond_lib.KINDS)),
+      sos_token=(0, nonneg_int()),
+      num_classes=(1000, positive_int()),
       # 'codes': a second VQGAN encodes the paired example of cond_dataset
       # (e.g. folder:/data/depth mirroring the image folder's file names),
       # or, without cond_dataset, a transform of the image itself.
-      cond_vqgan_workdir="",
-      cond_dataset="",
-      cond_transform="identity",   # 'identity' | 'grayscale' | 'downsample'
+      cond_vqgan_workdir=("", path()),
+      cond_dataset=("", text("dataset", nonempty=False)),
+      cond_transform=("identity", one_of(*cond_lib.COND_TRANSFORMS)),
       # classifier-free guidance: probability of the null class in training.
-      label_dropout=0.0,
-  ))
+      label_dropout=(0.0, fraction()))
 
 
-def _gpt_defaults() -> ml_collections.ConfigDict:
-  """The reference's class-conditional ImageNet GPT (48 x 1536).
-
-  The options beyond the sizes (dropout, remat, norm, mlp, position
-  embedding, ...) and their defaults are `vqgan_jax.gpt.OPTIONS`.
-  """
+def _gpt_fields():
+  """The reference's class-conditional ImageNet GPT (48 x 1536); the
+  options' defaults and choices are `vqgan_jax.gpt.OPTIONS`."""
   from vqgan_jax import gpt as gpt_lib  # pylint: disable=g-import-not-at-top
-  g = ml_collections.ConfigDict(dict(
-      n_layer=48, n_head=24, n_embd=1536, block_size=0,  # 0: fit the sequence
-      dtype="float32", param_dtype="float32"))
+  domains = dict(
+      n_unmasked=nonneg_int(), embd_pdrop=fraction(), resid_pdrop=fraction(),
+      attn_pdrop=fraction(), remat=boolean(), scan_layers=boolean(),
+      attention_impl=optional(one_of("xla", "cudnn")), rope_base=positive(),
+      zero_head=boolean())
+  g = dict(n_layer=(48, positive_int()), n_head=(24, positive_int()),
+           n_embd=(1536, positive_int()),
+           block_size=(0, nonneg_int("0 = fit the sequence")),
+           dtype=("float32", one_of(*DTYPES)),
+           param_dtype=("float32", one_of(*DTYPES)))
   for name, option in gpt_lib.OPTIONS.items():
-    g[name] = option.default
-  g.attention_impl = ml_collections.FieldReference(None, field_type=str)
+    g[name] = (option.default, one_of(*option.choices) if option.choices
+               else domains.get(name))
+  g["attention_impl"] = (ml_collections.FieldReference(None, field_type=str),
+                         domains["attention_impl"])
   return g
 
 
 def check_conditioning(config) -> None:
-  """What precedes the image tokens, their order and their corruption."""
-  from vqgan_jax import conditioning as cond_lib  # pylint: disable=g-import-not-at-top
+  """What precedes the image tokens needs its VQGAN and dataset."""
   cc = config.conditioning
-  _choice("conditioning.kind", cc.kind, cond_lib.KINDS)
-  _choice("permuter", config.permuter, cond_lib.PERMUTERS)
-  if not 0.0 < config.pkeep <= 1.0:
-    raise ConfigError(f"config.pkeep={config.pkeep} must be in (0, 1]")
   if cc.kind == "codes" and not cc.cond_vqgan_workdir:
     raise ConfigError("config.conditioning.kind='codes' needs "
                       "config.conditioning.cond_vqgan_workdir (a stage-1 "
@@ -279,8 +303,6 @@ def check_batch(config, mesh_shape: Dict[str, int]) -> None:
   n = 1
   for size in mesh_shape.values():
     n *= size
-  if config.batch_size <= 0:
-    raise ConfigError(f"config.batch_size={config.batch_size} must be > 0")
   if config.batch_size % n:
     lo = config.batch_size // n * n
     raise ConfigError(
@@ -301,22 +323,6 @@ def check_mesh_and_batch(config, num_devices: int) -> Dict[str, int]:
   shape = dict(zip(names, sizes))
   check_batch(config, shape)
   return shape
-
-
-# ----------------------------------------------------------------------------
-# schedule and cadence (both stages)
-
-
-def check_cadence(config) -> None:
-  if config.num_train_steps < 0:
-    raise ConfigError(
-        f"config.num_train_steps={config.num_train_steps} must be >= 0")
-  for name in ("log_every", "checkpoint_every"):
-    if config[name] <= 0:
-      raise ConfigError(f"config.{name}={config[name]} must be > 0")
-  if config.max_bad_steps < 1:
-    raise ConfigError(f"config.max_bad_steps={config.max_bad_steps} must be "
-                      ">= 1 (non-finite steps in a row before the run stops)")
 
 
 # ----------------------------------------------------------------------------
@@ -378,79 +384,109 @@ def check_init_from(config, have: Optional[Dict[str, Any]] = None,
 # Entry points
 
 
-def _run_defaults(c: ml_collections.ConfigDict, *, batch_size: int,
-                  num_train_steps: int, eval_batches: int) -> None:
+def _run_fields(batch_size: int, num_train_steps: int, eval_batches: int):
   """Batch, length, cadence, mesh and the non-finite guard (both stages)."""
-  c.batch_size = batch_size
-  c.num_train_steps = num_train_steps
-  c.seed = 0
-  c.log_every = 50
-  c.eval_every = 5000
-  c.eval_batches = eval_batches
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 3
-  c.mesh = mesh_config()
-  c.partition_rules = ((".*", "fsdp"),)
-  c.max_bad_steps = 20
+  return dict(
+      batch_size=(batch_size, positive_int()),
+      num_train_steps=(num_train_steps, nonneg_int()),
+      seed=(0, integer()),
+      log_every=(50, positive_int()),
+      eval_every=(5000, nonneg_int("0 = never")),
+      eval_batches=(eval_batches, nonneg_int("0 = the whole split")),
+      checkpoint_every=(5000, positive_int()),
+      keep_checkpoints=(3, positive_int()),
+      mesh=(mesh_config(), dom.mesh_axes()),
+      partition_rules=(((".*", "fsdp"),), dom.partition_rules()),
+      max_bad_steps=(20, int_at_least(1, "non-finite steps in a row before "
+                                         "the run stops")))
+
+
+def vqgan_fields() -> Dict[str, Any]:
+  """Stage 1, the reference's ImageNet f16 recipe at 256x256: every field
+  as ``name: (default, domain)``, sections as nested dicts."""
+  return dict(
+      **_data_fields(), model=_model_fields(), loss=_loss_fields(),
+      disc=_disc_fields(), optim=_vqgan_optim_fields(),
+      **_run_fields(12, 500_000, 8),
+      image_every=(5000, nonneg_int("0 = never")),
+      # A directory written by `python -m vqgan_jax.convert` (or a stage-1
+      # workdir) to start from: generator, and discriminator/LPIPS when saved.
+      init_from=("", path()))
+
+
+def transformer_fields() -> Dict[str, Any]:
+  """Stage 2, the reference's class-conditional ImageNet GPT (see
+  :func:`vqgan_fields`)."""
+  from vqgan_jax import conditioning as cond_lib  # pylint: disable=g-import-not-at-top
+  return dict(
+      **_data_fields(),
+      # The frozen first stage: a stage-1 workdir or a converted checkpoint dir.
+      vqgan_workdir=("", path(nonempty=True, note=(
+          "a stage-1 workdir (train_vqgan.py) or a converted VQGAN (python -m "
+          "vqgan_jax.convert)"))),
+      codes_dir=("", path(note="'' = <vqgan_workdir>/codes")),
+      conditioning=_conditioning_fields(),
+      permuter=("identity", one_of(*cond_lib.PERMUTERS)),
+      pkeep=(1.0, unit_interval()),
+      gpt=_gpt_fields(), optim=_transformer_optim_fields(),
+      **_run_fields(16, 1_000_000, 16),
+      sample_every=(5000, nonneg_int("0 = never")),
+      samples_per_class=(2, positive_int()),
+      sample_top_k=(0, nonneg_int("0 = no top-k in the periodic samples")),
+      peak_tflops_per_device=(0.0, nonneg("0 = from the device kind")))
 
 
 def vqgan_config() -> ml_collections.ConfigDict:
   """Stage-1 defaults: the reference's ImageNet f16 recipe at 256x256."""
-  c = ml_collections.ConfigDict()
-  _data_defaults(c)
-  c.model = _model_defaults()
-  c.loss = _loss_defaults()
-  c.disc = _disc_defaults()
-  c.optim = _vqgan_optim_defaults()
-  _run_defaults(c, batch_size=12, num_train_steps=500_000, eval_batches=8)
-  c.image_every = 5000
-  # A directory written by `python -m vqgan_jax.convert` (or a stage-1
-  # workdir) to start from: generator, and discriminator/LPIPS when saved.
-  c.init_from = ""
-  return c
+  return dom.build(vqgan_fields())
 
 
 def transformer_config() -> ml_collections.ConfigDict:
   """Stage-2 defaults: the reference's class-conditional ImageNet GPT."""
-  c = ml_collections.ConfigDict()
-  _data_defaults(c)
-  # The frozen first stage: a stage-1 workdir or a converted checkpoint dir.
-  c.vqgan_workdir = ""
-  # Where the dataset's codes are cached ('' = <vqgan_workdir>/codes).
-  c.codes_dir = ""
-  c.conditioning = _conditioning_defaults()
-  c.permuter = "identity"
-  c.pkeep = 1.0
-  c.gpt = _gpt_defaults()
-  c.optim = _transformer_optim_defaults()
-  _run_defaults(c, batch_size=16, num_train_steps=1_000_000, eval_batches=16)
-  c.sample_every = 5000
-  c.samples_per_class = 2
-  c.sample_top_k = 0  # 0: no top-k in the periodic samples
-  c.peak_tflops_per_device = 0.0  # 0: from the device kind when known
-  return c
+  return dom.build(transformer_fields())
+
+
+STAGES = {"vqgan": vqgan_fields, "transformer": transformer_fields}
+
+
+def field_domains(stage: str) -> Dict[str, Tuple[Any, Optional[dom.Domain]]]:
+  """``{dotted field: (default, domain)}`` of stage 'vqgan' or 'transformer'
+  (the domain is None only for a field declared without one)."""
+  return dom.flatten(STAGES[stage]())
+
+
+def stage_of(config) -> str:
+  return "transformer" if "gpt" in config else "vqgan"
+
+
+def check_domains(config, stage: Optional[str] = None) -> None:
+  """Each field's value lies in its declared domain. Fields the config lacks
+  are left out (the checks after this one name unknown or moved fields)."""
+  message = dom.first_violation(config,
+                                field_domains(stage or stage_of(config)))
+  if message:
+    raise ConfigError(message)
+
+
+def config_help(config) -> str:
+  """Every field of ``config``, one per line: the override that sets its
+  current value, then its domain (``--config_help``)."""
+  return dom.describe_config(config, field_domains(stage_of(config)))
 
 
 def check_vqgan(config) -> None:
   """The stage-1 checks that need only the config (no devices, no files)."""
+  check_domains(config, "vqgan")
   check_model(config.model)
-  check_loss(config.loss)
   check_dataset("dataset", config.dataset)
-  check_cadence(config)
-  check_optim(config)
 
 
 def check_transformer(config) -> None:
   """The stage-2 checks that need only the config (no devices, no files)."""
-  if not config.vqgan_workdir:
-    raise ConfigError("config.vqgan_workdir is empty: point it to a stage-1 "
-                      "workdir (train_vqgan.py) or a converted VQGAN "
-                      "(python -m vqgan_jax.convert)")
+  check_domains(config, "transformer")
   check_conditioning(config)
   _check_gpt(config)
   check_dataset("dataset", config.dataset)
-  check_cadence(config)
-  check_optim(config)
 
 
 def _num_devices(num_devices: Optional[int]) -> int:
