@@ -376,17 +376,17 @@ TINY = ["--config=configs/digits_vqgan.py:test", "--config.model.ch_mult=(1,)",
 
 def test_cli_save_failure_exits_4_with_one_line_and_no_traceback(tmp_path):
   wd = tmp_path / "wd"
-  r = tu.run_python(["-c", FILL_DISK, "4", "train_vqgan.py", f"--workdir={wd}", *TINY,
-                     "--config.num_train_steps=6", "--config.checkpoint_every=2"],
+  r = tu.run_python(["-c", FILL_DISK, "2", "train_vqgan.py", f"--workdir={wd}", *TINY,
+                     "--config.num_train_steps=3", "--config.checkpoint_every=1"],
                     check=False, timeout=600)
   assert r.returncode == checkpoints.EXIT_SAVE_FAILED, r.stderr[-4000:]
   assert "Traceback" not in r.stderr, r.stderr[-4000:]
   err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(err) == 1, r.stderr[-4000:]
-  assert err[0].startswith(f"error: saving the checkpoint of step 4 in {wd} failed (file too "
+  assert err[0].startswith(f"error: saving the checkpoint of step 2 in {wd} failed (file too "
                            "large: "), err[0]
-  assert "the last complete checkpoint, step 2, is intact: rerun the same command" in err[0]
-  assert ckpt_lib.committed_steps(str(wd / "checkpoints")) == [2]
+  assert "the last complete checkpoint, step 1, is intact: rerun the same command" in err[0]
+  assert ckpt_lib.committed_steps(str(wd / "checkpoints")) == [1]
   assert "done:" not in r.stdout
 
 
