@@ -17,11 +17,21 @@ the config builds is refused with :class:`CheckpointMismatchError` (a
 moved: :func:`check_resume` compares the workdir's ``model.json`` with the
 config before any device work, and :meth:`Checkpointer.restore` compares the
 stored tree (orbax's metadata: paths and shapes) with the target state.
+
+Faults of the file system: :func:`check_workdir` refuses a workdir that is
+a file, cannot be written or has no room for a checkpoint before training
+starts (a ``ConfigError``: exit 2, one line). A save that fails during the
+run (a full disk, a quota, a file-size limit) raises
+:class:`CheckpointSaveError` naming the workdir, the cause and the last
+complete step, which stays intact: the failed step never receives orbax's
+commit marker and is set aside on the next start.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from etils import epath
@@ -32,6 +42,8 @@ from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax.training import schema
 
 MAX_LISTED = 4  # differing paths named in a mismatch message
+EXIT_SAVE_FAILED = 4  # the scripts' exit code when a checkpoint cannot be saved
+MIN_FREE_BYTES = 1 << 20  # the least free space a workdir's disk must have
 
 
 class CheckpointMismatchError(schema.ConfigError):
@@ -39,13 +51,26 @@ class CheckpointMismatchError(schema.ConfigError):
   config builds; the message names the differences and the fix."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (disk full, quota, permissions); the
+  message names the workdir, the cause and the last complete step."""
+
+
 class Checkpointer:
-  """Saves and restores ``{'state': pytree, 'meta': json}`` per step."""
+  """Saves and restores ``{'state': pytree, 'meta': json}`` per step.
+
+  A save that fails, whether at once or in the background (seen at the next
+  ``save``, ``wait`` or ``close``), raises :class:`CheckpointSaveError`;
+  ``close`` after that reported failure does not raise again.
+  """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
                async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir),
                                   ckpt_lib.CHECKPOINTS_DIR)
+    self._saving: Optional[int] = None  # the step of the save in flight
+    self._failed = False
+    _quiet_orbax_tracebacks()
     self._set_aside(ckpt_lib.unfinished_dirs(self.directory),
                     "a save that never finished (no commit marker)")
     options = ocp.CheckpointManagerOptions(
@@ -61,11 +86,17 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: Dict[str, Any], *,
            force: bool = False) -> bool:
-    """Starts an (asynchronous) save of ``state`` at ``step``."""
-    saved = self._mngr.save(
-        int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts an (asynchronous) save of ``state`` at ``step`` (after the
+    previous save has finished)."""
+    self.wait()
+    self._saving = int(step)
+    try:
+      saved = self._mngr.save(
+          int(step), args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
     if saved:
       logging.info("saving checkpoint at step %d to %s", step, self.directory)
     return saved
@@ -161,11 +192,154 @@ class Checkpointer:
       self._mngr.reload()
 
   def wait(self):
-    self._mngr.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+    self._saving = None
 
   def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    reported = self._failed
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      if not reported:
+        raise
+      logging.warning("%s", e)
+    finally:
+      try:
+        self._mngr.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("closing the checkpoint manager: %s", e)
+
+  def _save_error(self, cause: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    step, self._saving = self._saving, None
+    done = ckpt_lib.committed_steps(self.directory) if os.path.isdir(
+        self.directory) else []
+    reason = " ".join(str(cause).split())
+    reason = (reason[:300] + "...") if len(reason) > 300 else reason
+    last = (f"the last complete checkpoint, step {max(done)}, is intact: "
+            "rerun the same command to resume from it" if done else
+            "no complete checkpoint was written yet")
+    return CheckpointSaveError(
+        f"saving the checkpoint of step {step} in "
+        f"{os.path.dirname(self.directory)} failed ({_cause(cause)}: "
+        f"{reason}); {last} after freeing space on that disk (or moving the "
+        "workdir to another one)")
+
+
+def check_workdir(workdir: str, need_bytes: int = MIN_FREE_BYTES) -> None:
+  """Refuses a workdir that cannot hold a run, before any work.
+
+  The directory is created if missing (and removed again if this check
+  made it), a small probe file is written, synced and removed, and the
+  disk's free space is compared with ``need_bytes`` (a rough size of one
+  checkpoint, or a floor when the model is not built yet).
+
+  Raises:
+    schema.ConfigError: one line naming the workdir, the fault and the fix.
+  """
+  path = os.path.abspath(workdir)
+  flag = f"--workdir={workdir}"
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise schema.ConfigError(f"{flag} is a file, not a directory; pass a "
+                             "directory (it is created if missing)")
+  made = []
+  probe = os.path.join(path, f".write-probe-{os.getpid()}")
+  try:
+    head = path
+    while not os.path.isdir(head):
+      made.append(head)
+      head = os.path.dirname(head)
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+      os.write(fd, b"\0" * 4096)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    free = shutil.disk_usage(path).free
+  except OSError as e:
+    raise schema.ConfigError(
+        f"{flag} cannot be written ({_cause(e)}: {e.strerror or e}); pass a "
+        "directory you can write to, on a disk with free space") from e
+  finally:
+    if os.path.exists(probe):
+      os.remove(probe)
+    for d in made:  # leave the file system as it was
+      try:
+        os.rmdir(d)
+      except OSError:
+        break
+  if free < need_bytes:
+    raise schema.ConfigError(
+        f"{flag} is on a disk with {_mb(free)} free, and one checkpoint "
+        f"needs about {_mb(need_bytes)}; free space or pass a --workdir on "
+        "another disk")
+
+
+def state_bytes(tree) -> int:
+  """Bytes of the arrays of ``tree`` (abstract or concrete): about the size
+  of one checkpoint of it."""
+  return sum(int(getattr(x, "size", 0)) * getattr(
+      getattr(x, "dtype", None), "itemsize", 4) for x in jax.tree.leaves(tree))
+
+
+def _mb(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def _cause(e: BaseException) -> str:
+  """What failed, in words: errno names for OS errors, or the message."""
+  errno = getattr(e, "errno", None)
+  text = str(e)
+  for code, words in ((28, "disk full"), (122, "disk quota exceeded"),
+                      (27, "file too large"), (13, "permission denied"),
+                      (30, "read-only file system"),
+                      (20, "a part of the path is a file")):
+    if errno == code or f"os_error_code='{code}'" in text:
+      return words
+  return type(e).__name__
+
+
+def _quiet_orbax_tracebacks() -> None:
+  """A failed background save is reported once, as CheckpointSaveError.
+
+  orbax also logs it with a traceback per thread, asyncio reports each
+  abandoned write as "Task exception was never retrieved", and tensorstore
+  callbacks then meet a closed event loop: the log records keep their
+  message line only, and the other two are dropped.
+  """
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietFailedSave) for f in logger.filters):
+      logger.addFilter(_QuietFailedSave())
+  if not getattr(sys.unraisablehook, "_drops_closed_loop", False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      e = unraisable.exc_value
+      if not (isinstance(e, RuntimeError) and
+              str(e) == "Event loop is closed"):
+        previous(unraisable)
+
+    hook._drops_closed_loop = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
+
+
+class _QuietFailedSave(logging.Filter):
+
+  def filter(self, record):
+    if not record.exc_info:
+      return True
+    if record.name == "asyncio":  # an abandoned write of a failed save
+      return ".orbax-checkpoint-tmp" not in str(record.exc_info[1])
+    if "orbax" in (record.pathname or ""):
+      record.exc_info = None
+      record.exc_text = None
+    return True
 
 
 def check_resume(workdir: str, want: Dict[str, Any], keys: Sequence[str],

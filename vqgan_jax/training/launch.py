@@ -10,12 +10,15 @@ the data or any device is touched.
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 a bad config,
 path or dataset, or a workdir whose checkpoints hold another model or
 optimizer than the config (one ``error:`` line on stderr; nothing in the
-workdir is touched), 3 too many non-finite steps in a row. ``--help``
+workdir is touched; also a workdir that is a file, cannot be written or
+has no room for a checkpoint), 3 too many non-finite steps in a row, 4 a
+checkpoint could not be saved (the last complete one stays). ``--help``
 prints the script's docstring and these flags (`vqgan_jax.cli`).
 """
 import importlib
 import logging
 import os
+import shlex
 import sys
 from typing import Optional
 
@@ -89,7 +92,9 @@ def run(trainer_module: str) -> None:
         auto=FLAGS.distributed_auto)
     config = _loaded_config()
     trainer = importlib.import_module(trainer_module)
+    from vqgan_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
     try:
+      checkpoints.check_workdir(FLAGS.workdir)  # a file, read-only, full
       last = trainer.train_and_evaluate(config, FLAGS.workdir)
     except (schema.ConfigError, FileNotFoundError) as e:
       # A bad config, path or dataset, or a workdir of another architecture
@@ -99,11 +104,28 @@ def run(trainer_module: str) -> None:
     except FloatingPointError as e:  # max_bad_steps non-finite steps in a row
       print(f"error: {e}", file=sys.stderr)
       sys.exit(schema.EXIT_NONFINITE)
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
-                        if isinstance(v, float))
-    print(f"done: {FLAGS.workdir} ({summary})")
+    except checkpoints.CheckpointSaveError as e:  # disk full, quota, ...
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(checkpoints.EXIT_SAVE_FAILED)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing saved
+      print(f"interrupted before training started; nothing was saved in "
+            f"{FLAGS.workdir}", file=sys.stderr)
+      sys.exit(130)
+    if hasattr(last, "describe"):
+      print(last.describe(FLAGS.workdir, _command()))
+    else:
+      summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                          if isinstance(v, float))
+      print(f"done: {FLAGS.workdir} ({summary})")
 
   cli.run(main, sys.modules["__main__"].__doc__, field_hint=_moved_field)
+
+
+def _command() -> str:
+  """The command line that resumes this run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cmd = "python " + shlex.join(sys.argv)
+  return cmd + (" (on every process)" if jax.process_count() > 1 else "")
 
 
 def _loaded_config():

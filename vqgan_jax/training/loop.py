@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
@@ -21,6 +22,7 @@ from vqgan_jax.training import metrics as metrics_lib
 from vqgan_jax.training import runtime
 
 PyTree = Any
+SETTLE_STEP_S = 1.0  # steps at least this long run one at a time
 
 
 def learning_rate(config) -> float:
@@ -93,14 +95,18 @@ class NonFiniteGuard:
 
 
 def save_or_stop(ckpt, state, step: int, config, preempt, meta,
-                 guard: NonFiniteGuard | None = None) -> bool:
+                 guard: NonFiniteGuard | None = None,
+                 stop: Optional[bool] = None) -> bool:
   """Checkpoints on schedule, at the end, or on a signal; True means stop.
 
-  With a ``guard``, a scheduled checkpoint in the middle of a run of skipped
-  (non-finite) steps is not written, so the newest checkpoint stays the last
-  good one; the final and the preemption checkpoints are always written.
+  ``stop`` is ``preempt.stop_at(step)`` (the decision every process shares)
+  unless the caller has asked already. With a ``guard``, a scheduled
+  checkpoint in the middle of a run of skipped (non-finite) steps is not
+  written, so the newest checkpoint stays the last good one; the final and
+  the preemption checkpoints are always written.
   """
-  stop = runtime.any_process(preempt.should_stop)
+  if stop is None:
+    stop = preempt.stop_at(step)
   final = step == config.num_train_steps
   if step % config.checkpoint_every == 0 or stop or final:
     if guard is not None:
@@ -140,7 +146,13 @@ class Progress:
 def restore_or_init(ckpt, abstract_state: PyTree, state_shardings: PyTree,
                     init: Callable[[], PyTree]) -> Tuple[PyTree, int]:
   """``(state, step)``: the newest checkpoint in ``ckpt``, restored onto
-  ``state_shardings``, or ``(init(), 0)`` when there is none."""
+  ``state_shardings``, or ``(init(), 0)`` when there is none.
+
+  First the workdir must have room for one more checkpoint of
+  ``abstract_state`` (a ``ConfigError`` otherwise: exit 2 before any step).
+  """
+  checkpoints.check_workdir(os.path.dirname(ckpt.directory),
+                            checkpoints.state_bytes(abstract_state))
   start = ckpt.latest_step()
   if start is None:
     return init(), 0
@@ -149,6 +161,54 @@ def restore_or_init(ckpt, abstract_state: PyTree, state_shardings: PyTree,
   logging.info("resumed from step %d in %s", start,
                os.path.dirname(ckpt.directory))
   return state, start
+
+
+class StepPacer:
+  """Keeps one step in flight, not two, once steps are slow.
+
+  The host normally dispatches step k+1 while step k runs, and the loop can
+  stop only after the steps it has dispatched: with steps of minutes a
+  signal cost two of them. Once an iteration takes ``SETTLE_STEP_S`` or
+  more (the host's own time is then negligible) :meth:`settle` waits for
+  the step just dispatched before the loop decides whether to stop, so a
+  signal ends the run after the step that was running when it came.
+  """
+
+  def __init__(self):
+    self._t = time.perf_counter()
+    self.slow = False
+
+  def settle(self, state: PyTree) -> None:
+    if self.slow:
+      jax.block_until_ready(state)
+    now = time.perf_counter()
+    self.slow, self._t = now - self._t >= SETTLE_STEP_S, now
+
+
+class RunSummary(dict):
+  """What :func:`train_loop` returns: the last logged metrics (a dict), and
+  how the run ended: ``start_step``, ``step`` (the last step trained and
+  saved), ``num_train_steps`` and ``stopped`` (a signal stopped it)."""
+  start_step = 0
+  step = 0
+  num_train_steps = 0
+  stopped = False
+
+  def describe(self, workdir: str, command: str) -> str:
+    """One line for the console: done, nothing to do, or where a signal
+    stopped the run and the ``command`` that resumes it."""
+    if self.stopped:
+      return (f"stopped at step {self.step} of {self.num_train_steps} after a "
+              f"signal; the checkpoint of step {self.step} is saved in "
+              f"{workdir}. Resume with: {command}")
+    if self.step == self.start_step:
+      return (f"nothing to train: {workdir} already holds step {self.step} "
+              f"of config.num_train_steps={self.num_train_steps}; raise it "
+              "to train further, or pass a new --workdir")
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in self.items()
+                        if isinstance(v, float))
+    return (f"done: {workdir}, steps {self.start_step + 1}-{self.step} "
+            f"({summary})")
 
 
 @dataclasses.dataclass
@@ -190,8 +250,14 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
   async save), the metrics writer, the signal handlers and the progress
   bar close.
 
+  On a signal (:class:`runtime.PreemptionHandler`, the same step on every
+  process) the current step is checkpointed without its periodic callbacks
+  and the loop ends; no further step is dispatched. A checkpoint that cannot
+  be written raises ``checkpoints.CheckpointSaveError``.
+
   Returns:
-    the last logged metrics, updated with those of the periodic callbacks.
+    a :class:`RunSummary`: the last logged metrics, updated with those of
+    the periodic callbacks, and where the run ended.
   """
   primary = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step,
@@ -200,8 +266,10 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
   timer = metrics_lib.RateTimer()
   progress = Progress(primary, start_step, config.num_train_steps)
   guard = NonFiniteGuard(config, ckpt, state["bad_steps"])
+  pacer = StepPacer()
   last: Dict[str, Any] = {}
   step = start_step
+  stopped = False
   try:
     while step < config.num_train_steps:
       batch = next_batch(step)
@@ -216,13 +284,17 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
         guard.flush()
         last = writer.write(step, dict(m, **log_extras(timer.rate(),
                                                        guard.total)))
+      pacer.settle(state)
+      stop = preempt.stop_at(step)
       for p in periodic:
-        if p.due(step, final):
+        if p.due(step, final) and not stop:
           out = p.fn(step, state, batch)
           if out is not None:
             last.update(writer.write(step, out))
       if save_or_stop(ckpt, state, step, config, preempt,
-                      {"step": step, **(checkpoint_meta or {})}, guard=guard):
+                      {"step": step, **(checkpoint_meta or {})}, guard=guard,
+                      stop=stop):
+        stopped = True
         break
     digest.write_replica_digest(workdir, state["params"])
   finally:
@@ -232,4 +304,7 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
     writer.close()
     preempt.restore()
     progress.close()
-  return last
+  result = RunSummary(last)
+  result.start_step, result.step, result.stopped = start_step, step, stopped
+  result.num_train_steps = int(config.num_train_steps)
+  return result

@@ -43,8 +43,8 @@ class MetricsWriter:
   """Appends one JSON object per logged step; mirrors scalars to TensorBoard.
 
   On resume, lines of steps after the restored step (written after the last
-  checkpoint of the interrupted run) are dropped so the file stays a single
-  consistent history.
+  checkpoint of the interrupted, killed or failed run) are dropped, so the
+  file stays a single history: each step once, none missing.
   """
 
   def __init__(self, workdir: str, *, resume_step: int = 0,
@@ -64,8 +64,10 @@ class MetricsWriter:
               keep.append(line)
           except json.JSONDecodeError:
             continue  # a line cut by a kill
-      with open(self.path, "w") as f:
+      tmp = self.path + ".tmp"  # replaced in one step: a kill loses nothing
+      with open(tmp, "w") as f:
         f.writelines(keep)
+      os.replace(tmp, self.path)
     if tensorboard:
       writer_cls = _event_file_writer()
       if writer_cls is None:
