@@ -54,7 +54,6 @@ def run(trainer_module: str) -> None:
   def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
     from vqgan_jax.training import schema  # pylint: disable=g-import-not-at-top
     host_memory.keep_freed_host_memory(FLAGS.host_malloc)
     try:

@@ -378,7 +378,8 @@ def check_init_from(config, have: Optional[Dict[str, Any]] = None,
 
 def _run_defaults(c: ml_collections.ConfigDict, *, batch_size: int,
                   num_train_steps: int, eval_batches: int) -> None:
-  """Batch, length, cadence, mesh and the non-finite guard (both stages)."""
+  """Batch, length, cadence, mesh, the non-finite guard and the memory
+  check (both stages)."""
   c.batch_size = batch_size
   c.num_train_steps = num_train_steps
   c.seed = 0
@@ -390,6 +391,9 @@ def _run_defaults(c: ml_collections.ConfigDict, *, batch_size: int,
   c.mesh = mesh_config()
   c.partition_rules = ((".*", "fsdp"),)
   c.max_bad_steps = 20
+  # The trainers refuse a step whose memory (XLA's estimate) exceeds the
+  # device's; True runs it anyway.
+  c.ignore_memory_limit = False
 
 
 def vqgan_config() -> ml_collections.ConfigDict:
