@@ -7,7 +7,7 @@
   point once the flags are parsed; the project's own log lines are kept.
 * :class:`CompileClock` measures the seconds JAX spends tracing, lowering
   and compiling while it is open, so that a throughput line can leave
-  compilation out (:func:`rate_line`).
+  compilation out (:class:`Stopwatch`).
 
 Importing this module does not import JAX.
 """
@@ -99,12 +99,17 @@ class CompileClock:
 
 
 class Stopwatch:
-  """Wall time of a loop of jitted calls, with compilation left out.
+  """Wall time of jitted calls, with compilation left out.
+
+  Each ``with watch:`` block adds its wall time (and the compile time in
+  it); :meth:`count` adds the items done.
 
       watch = Stopwatch()
-      with watch:
-        for batch in batches: ...; watch.count(len(batch))
-      print(watch.rate_line("img"))
+      for batch in batches:
+        with watch:
+          out = jax.device_get(fn(batch))
+        watch.count(len(batch))
+      watch.rate  # items per second, compilation not counted
   """
 
   def __init__(self):
@@ -119,7 +124,7 @@ class Stopwatch:
     return self
 
   def __exit__(self, *exc) -> None:
-    self.wall = time.perf_counter() - self._t0
+    self.wall += time.perf_counter() - self._t0
     self.clock.__exit__(*exc)
 
   def count(self, n: int) -> None:
@@ -138,11 +143,6 @@ class Stopwatch:
     """Items per second of the time not spent compiling (0.0 when no item
     was counted; never NaN)."""
     return rate(self.items, self.steady_seconds)
-
-  def rate_line(self, unit: str) -> str:
-    """e.g. ``'244.1 img/s (compile 3.2 s not counted)'``."""
-    return (f"{self.rate:.1f} {unit}/s (compile {self.compile_seconds:.1f} s "
-            "not counted)")
 
 
 def rate(items: float, seconds: float) -> float:
