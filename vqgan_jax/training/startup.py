@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import jax
 
+from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import console
 from vqgan_jax.backends import device_memory
 from vqgan_jax.training import schema
@@ -37,6 +38,13 @@ def abstract(tree: PyTree, shardings: PyTree) -> PyTree:
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: one(x, shardings), tree)
   return jax.tree.map(one, tree, shardings)
+
+
+def finished(config, workdir: str) -> bool:
+  """Whether ``workdir`` already holds the run's last step (a re-run that
+  will only restore: no step to compile, no header)."""
+  step = ckpt_lib.latest_step(os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR))
+  return step is not None and step >= config.num_train_steps
 
 
 def compile_step(jitted, *args) -> Tuple[Any, float]:

@@ -389,15 +389,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                     out_shardings=repl)
 
   # Compiled once, before the workdir is touched: the header, the memory
-  # check and the FLOPs for the MFU come from this program, which trains.
-  first = _global_batch(train, train_cond, 0, config, batch_sh)
-  step_fn, seconds = startup.compile_step(
-      step_fn, startup.abstract(abstract, state_sh),
-      startup.abstract(first, batch_sh))
-  startup.start(config, stage="stage 2 transformer", mesh=mesh,
-                compiled=step_fn, compile_seconds=seconds,
-                sizes=[("GPT", startup.param_count(abstract["params"]))],
-                smaller="--config.gpt.n_embd or --config.gpt.n_layer")
+  # check and the FLOPs for the MFU come from this program, which trains
+  # (a finished run, which only restores, compiles nothing).
+  if not startup.finished(config, workdir):
+    first = _global_batch(train, train_cond, 0, config, batch_sh)
+    step_fn, seconds = startup.compile_step(
+        step_fn, startup.abstract(abstract, state_sh),
+        startup.abstract(first, batch_sh))
+    startup.start(config, stage="stage 2 transformer", mesh=mesh,
+                  compiled=step_fn, compile_seconds=seconds,
+                  sizes=[("GPT", startup.param_count(abstract["params"]))],
+                  smaller="--config.gpt.n_embd or --config.gpt.n_layer")
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   init_fn = runtime.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))
   state, start = loop.restore_or_init(

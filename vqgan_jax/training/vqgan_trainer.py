@@ -290,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
   run = create(config, mesh, extras)
-  step_fn = compile_and_report(config, run)  # before the workdir is touched
+  step_fn = (run.step_fn if startup.finished(config, workdir) else
+             compile_and_report(config, run))  # before the workdir is touched
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
 
   def fresh_state():
