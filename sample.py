@@ -74,7 +74,8 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:
     cli.fail(e)
   print(f"wrote {s['images']} samples to {outdir} (grid: {s['grid']}); "
-        f"{s['img_per_sec']:.2f} images/s")
+        f"{s['img_per_sec']:.1f} images/s, not counting "
+        f"{s['compile_seconds']:.1f} s of compilation")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax.backends import device_memory
 from vqgan_jax.training.transformer_trainer import PEAK_TFLOPS
 
 # Device peaks: the bfloat16 dense TFLOP/s are the trainer's table
@@ -126,18 +127,10 @@ def xla_flops(compiled) -> Optional[float]:
 
 
 def xla_memory(compiled) -> Optional[float]:
-  """Bytes XLA plans for one call: arguments + outputs - aliased + temps."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if m is None:
-    return None
-  total = 0
-  for name, sign in (("argument_size_in_bytes", 1), ("output_size_in_bytes", 1),
-                     ("alias_size_in_bytes", -1), ("temp_size_in_bytes", 1)):
-    total += sign * int(getattr(m, name, 0) or 0)
-  return float(total) if total > 0 else None
+  """Bytes XLA plans for one call: arguments + outputs - aliased + temps
+  (the trainers' start-up estimate)."""
+  total = device_memory.compiled_bytes(compiled)
+  return float(total) if total else None
 
 
 def tree_bytes(tree: Any) -> int:

@@ -37,4 +37,6 @@ print(f"Judge:       the intended digit in {100 * judge['accuracy']:.1f}% of "
       f"{judge['num_samples']} samples (classifier: "
       f"{100 * judge['judge_val_accuracy']:.1f}% on real held-out digits)   "
       f"({runs}/digits_samples/judge.json)")
+per = ", ".join(f"{c}: {100 * a:.0f}%" for c, a in judge["per_class_accuracy"].items())
+print(f"             per digit: {per}")
 PY

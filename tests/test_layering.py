@@ -35,7 +35,7 @@ LAYERS = {
         "image_io"),
     # 2. Inference: sampling, loading and converting checkpoints, the tools.
     2: ("sampling", "sliding_window", "checkpoint", "convert", "codes",
-        "sample_lib", "reconstruct", "evaluate", "cli"),
+        "sample_lib", "reconstruct", "evaluate", "cli", "console"),
     # 3. Training.
     3: ("training",),
 }

@@ -1,6 +1,7 @@
 """Stage 2: conversion and loss parity with Net2NetTransformer, conditioning,
 code caching, sharding, resume, and sample.py."""
 import json
+import math
 import os
 
 import jax
@@ -128,6 +129,8 @@ def test_convert_cli_then_sample_py(tmp_path, torch):
   names = sorted(os.listdir(tmp_path / "s"))
   assert "grid.png" in names and "3_0007.png" in names and len(names) == 9
   assert "images/s" in r.stdout
+  rate = float(r.stdout.split(" images/s")[0].split()[-1])  # one batch
+  assert math.isfinite(rate) and rate > 0, r.stdout
   s = sample_lib.sample_images(str(out), str(tmp_path / "s2"), classes=[2], num_samples=2,
                                progress=False, top_k=5)
   assert s["tokens"].shape == (2, 8, 8) and s["tokens"].max() < 64

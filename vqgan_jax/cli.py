@@ -14,6 +14,9 @@ here, so that they behave alike:
   required flag, a stray argument, or a :class:`UsageError` the tool raises,
   e.g. for a missing input file) prints one ``error:`` line on stderr and
   exits with status 2 (:data:`EXIT_USAGE`), without a traceback.
+* Third-party INFO chatter (the checkpoint library's, JAX's TPU probe) is
+  silenced (`vqgan_jax.console.quiet_logs`); ``--verbose``, a flag every
+  entry point gets, lets it through.
 
 Scripts parse the global ``flags.FLAGS`` through :func:`run` (absl's
 ``app.run`` with this module's parser). Tools whose ``main(argv)`` tests call
@@ -27,6 +30,8 @@ from typing import Callable, List, NoReturn, Optional, Sequence
 
 from absl import app
 from absl import flags
+
+from vqgan_jax import console
 
 EXIT_USAGE = 2
 _HELP = ("--help", "-h", "-help", "--helpshort", "-helpshort")
@@ -92,15 +97,25 @@ def _unknown_field(argv: Sequence[str], error: Exception,
   return message
 
 
+def _define_verbose(fv: flags.FlagValues) -> None:
+  if "verbose" not in fv:
+    flags.DEFINE_bool("verbose", False, "Also print third-party INFO logs "
+                      "(checkpoint library, JAX backend probes).",
+                      flag_values=fv)
+
+
 def _parse_into(fv: flags.FlagValues, argv: List[str], doc: str,
                 extra_help=(),
                 field_hint: Optional[Callable[[str], Optional[str]]] = None
                 ) -> List[str]:
+  _define_verbose(fv)
   if _wants_help(argv[1:], extra_help):
     sys.stdout.write(help_text(doc, fv))
     sys.exit(0)
   try:
-    return fv(argv)
+    rest = fv(argv)
+    console.quiet_logs(verbose=bool(fv["verbose"].value))
+    return rest
   except flags.Error as e:
     text = str(e)
     if "Traceback (most recent call last)" in text:
@@ -136,6 +151,8 @@ def run(main: Callable[[List[str]], object], doc: str,
   """
 
   def guarded(argv):
+    # Again: app.run resets absl's logger level after parsing the flags.
+    console.quiet_logs(verbose=bool(flags.FLAGS["verbose"].value))
     try:
       return main(argv)
     except (UsageError, app.UsageError) as e:

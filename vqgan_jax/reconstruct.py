@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Iterator, List, Sequence, Tuple
 
 import jax
@@ -24,6 +23,7 @@ from PIL import Image
 
 from vqgan_jax import checkpoint
 from vqgan_jax import cli
+from vqgan_jax import console
 from vqgan_jax import quantizers
 from vqgan_jax.data import images as image_lib
 
@@ -93,23 +93,21 @@ def reconstruct_folder(model_dir: str, image_dir: str, out_dir: str, *,
     return codes, model.apply(variables, codes, method=model.decode_indices)
 
   skipped: List[str] = []
-  psnrs, hist, done = [], np.zeros(model.n_embed), 0
+  psnrs, hist = [], np.zeros(model.n_embed)
   try:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(paths), unit="img", disable=not progress)
   except ImportError:  # pragma: no cover
     bar = None
-  start = None
+  watch = console.Stopwatch()  # the rate leaves compilation out
   for names, x in _batches(image_dir, paths, resolution, model.in_channels,
                            batch_size, skipped):
     n = len(names)
     if n < batch_size:  # pad the last batch to the compiled shape
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
-    codes, rec = jax.device_get(run(variables, jnp.asarray(x)))
-    if start is None:
-      start = time.perf_counter()  # exclude compilation from the rate
-    else:
-      done += n
+    with watch:
+      codes, rec = jax.device_get(run(variables, jnp.asarray(x)))
+    watch.count(n)
     codes, rec, x = codes[:n], rec[:n], x[:n]
     psnrs.extend(psnr(x, rec).tolist())
     hist += np.bincount(codes.ravel(), minlength=model.n_embed)
@@ -126,7 +124,6 @@ def reconstruct_folder(model_dir: str, image_dir: str, out_dir: str, *,
       bar.update(n)
   if bar is not None:
     bar.close()
-  elapsed = time.perf_counter() - start if start else 0.0
   summary = {
       "images": len(psnrs),
       "skipped": skipped,
@@ -135,7 +132,8 @@ def reconstruct_folder(model_dir: str, image_dir: str, out_dir: str, *,
       "perplexity": float(quantizers.perplexity(
           jnp.repeat(jnp.arange(model.n_embed), hist.astype(np.int32)),
           model.n_embed)) if hist.sum() else 0.0,
-      "img_per_sec": done / elapsed if elapsed > 0 and done else float("nan"),
+      "img_per_sec": watch.rate,
+      "compile_seconds": watch.compile_seconds,
   }
   return summary
 
@@ -173,8 +171,9 @@ def main(argv=None) -> int:
     print(f"skipped {line}", file=sys.stderr)
   print(f"{s['images']} images -> {fv.out}: PSNR {s['psnr_db']:.2f} dB, "
         f"codebook usage {100 * s['codebook_usage']:.1f}%, perplexity "
-        f"{s['perplexity']:.1f}, {s['img_per_sec']:.2f} img/s "
-        f"({len(s['skipped'])} skipped)")
+        f"{s['perplexity']:.1f}, {s['img_per_sec']:.1f} img/s not counting "
+        f"{s['compile_seconds']:.1f} s of compilation ({len(s['skipped'])} "
+        "skipped)")
   return 0
 
 

@@ -9,7 +9,6 @@ order and decoded by the VQGAN.
 from __future__ import annotations
 
 import os
-import time
 from typing import Dict, List, Optional, Sequence
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 
 from vqgan_jax import checkpoint as ckpt_lib
 from vqgan_jax import conditioning as cond_lib
+from vqgan_jax import console
 from vqgan_jax import image_io
 from vqgan_jax import sampling
 from vqgan_jax import sliding_window
@@ -138,7 +138,11 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
                   grid: Optional[Sequence[int]] = None,
                   cond_images: Optional[str] = None, save_npz: bool = False,
                   progress: bool = True) -> Dict[str, object]:
-  """Samples, decodes and writes PNGs; returns a summary dict."""
+  """Samples, decodes and writes PNGs; returns a summary dict.
+
+  Its ``img_per_sec`` leaves out the seconds JAX spent compiling
+  (``compile_seconds``, mostly the first batch's).
+  """
   info, model, variables, vq_model, vq_vars = load_pipeline(workdir)
   h, w = info["image_grid"]
   perm = cond_lib.permutation(info.get("permuter", "identity"), h, w)
@@ -178,43 +182,39 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, unit="img")
-  t0, timed_imgs, t_first = None, 0, time.perf_counter()
-  decode = jax.jit(lambda v, t: vq_model.apply(v, t, method=vq_model.decode_indices))
-  for start in range(0, total, batch_size):
-    p = prefix[start:start + batch_size]
-    n = len(p)
-    if n < batch_size and total > batch_size:  # keep one compiled shape
-      p = np.concatenate([p, np.repeat(p[-1:], batch_size - n, 0)])
-    rng, key = jax.random.split(rng)
-    if big:
-      toks = sliding_window.sample_sliding_window(
-          model, variables, jnp.asarray(p), tuple(grid), (h, w), key,
-          temperature=temperature, top_k=top_k, top_p=top_p)
-      gh, gw = grid
-      toks = np.asarray(toks)
-    else:
-      toks = sampling.sample(model, variables, shard_batch(p), h * w, key,
-                             temperature=temperature, top_k=top_k, top_p=top_p,
-                             guidance_scale=guidance_scale, null_prefix=null)
-      toks = cond_lib.permute(np.asarray(toks), perm, inverse=True)
-      gh, gw = h, w
-      toks = toks.reshape(-1, gh, gw)
-    img = np.asarray(decode(vq_vars, jnp.asarray(toks)))
-    tokens.append(toks[:n])
-    images.append(img[:n])
-    if t0 is None:
-      t0 = time.perf_counter()  # after the first (compiling) batch
-    else:
-      timed_imgs += n
-    if bar is not None:
-      bar.update(n)
+  # The rate leaves out the time JAX spends compiling (the first batch's).
+  with console.Stopwatch() as watch:
+    decode = jax.jit(lambda v, t: vq_model.apply(
+        v, t, method=vq_model.decode_indices))
+    for start in range(0, total, batch_size):
+      p = prefix[start:start + batch_size]
+      n = len(p)
+      if n < batch_size and total > batch_size:  # keep one compiled shape
+        p = np.concatenate([p, np.repeat(p[-1:], batch_size - n, 0)])
+      rng, key = jax.random.split(rng)
+      if big:
+        toks = sliding_window.sample_sliding_window(
+            model, variables, jnp.asarray(p), tuple(grid), (h, w), key,
+            temperature=temperature, top_k=top_k, top_p=top_p)
+        gh, gw = grid
+        toks = np.asarray(toks)
+      else:
+        toks = sampling.sample(model, variables, shard_batch(p), h * w, key,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               guidance_scale=guidance_scale, null_prefix=null)
+        toks = cond_lib.permute(np.asarray(toks), perm, inverse=True)
+        gh, gw = h, w
+        toks = toks.reshape(-1, gh, gw)
+      img = np.asarray(decode(vq_vars, jnp.asarray(toks)))
+      tokens.append(toks[:n])
+      images.append(img[:n])
+      watch.count(n)
+      if bar is not None:
+        bar.update(n)
   if bar is not None:
     bar.close()
   tokens_all = np.concatenate(tokens)
   images_all = np.concatenate(images)
-  elapsed = time.perf_counter() - t0 if t0 else 0.0
-  rate = timed_imgs / elapsed if timed_imgs and elapsed > 0 else (
-      total / (time.perf_counter() - t_first))
   os.makedirs(outdir, exist_ok=True)
   ncol = num_samples if labels is not None else int(np.ceil(np.sqrt(total)))
   grid_path = os.path.join(outdir, "grid.png")
@@ -228,5 +228,6 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
     pix = np.round((np.clip(images_all, -1, 1) + 1) * 127.5).astype(np.uint8)
     np.savez(os.path.join(outdir, "samples.npz"), images=pix, tokens=tokens_all,
              labels=labels if labels is not None else np.zeros(0))
-  return {"images": total, "grid": grid_path, "img_per_sec": rate,
+  return {"images": total, "grid": grid_path, "img_per_sec": watch.rate,
+          "compile_seconds": watch.compile_seconds,
           "tokens": tokens_all, "labels": labels}

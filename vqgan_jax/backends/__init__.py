@@ -8,6 +8,8 @@ computes it, and each is opt-in, switched on by the programs that want it:
   * `host_memory`: glibc `mallopt` settings that keep freed host memory for
     reuse, so that XLA:CPU's large per-call temporaries stop page-faulting.
   * `compilation_cache`: JAX's persistent compilation cache.
+  * `device_memory`: the memory XLA plans for one compiled call, and the
+    memory a device has (read by the trainers' start-up check).
 
 `host_memory` and `compilation_cache` import only the standard library
 (JAX on demand), so a program can apply them before JAX starts a backend.

@@ -79,7 +79,6 @@ def run(trainer_module: str) -> None:
       cli.fail("flag --workdir=None: Flag --workdir must have a value other "
                "than None.")
     logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's chatter
     from vqgan_jax.training import schema  # pylint: disable=g-import-not-at-top
     host_memory.keep_freed_host_memory(FLAGS.host_malloc)
     try:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import jax
 
+from vqgan_jax import console
 from vqgan_jax import digest
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import metrics as metrics_lib
@@ -122,14 +123,24 @@ def save_or_stop(ckpt, state, step: int, config, preempt, meta,
 
 
 class Progress:
-  """A tqdm bar on the primary process (no-op elsewhere)."""
+  """A labelled tqdm bar on the primary process (no-op elsewhere).
 
-  def __init__(self, enabled, start, total):
+  The label names the run (e.g. ``stage 1 VQGAN``); :meth:`show` puts the
+  metrics ``keys`` of a log step beside tqdm's rate and ETA (values already
+  fetched to the host for ``metrics.jsonl``, so the bar adds no device
+  sync); :meth:`note` prints a line above the bar (eval results, the
+  measured step time).
+  """
+
+  def __init__(self, enabled, start, total, label: Optional[str] = None,
+               keys: Sequence[str] = ("loss",)):
     self._bar = None
+    self._enabled = enabled
+    self.keys = tuple(keys)
     if enabled:
       try:
         from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-        self._bar = tqdm(total=total, initial=start, unit="step",
+        self._bar = tqdm(total=total, initial=start, unit="step", desc=label,
                          dynamic_ncols=True, mininterval=2.0)
       except ImportError:  # pragma: no cover
         pass
@@ -138,9 +149,85 @@ class Progress:
     if self._bar is not None:
       self._bar.update(n)
 
+  def show(self, metrics: Dict[str, Any]) -> None:
+    """Shows the ``keys`` of ``metrics`` (host values) beside the bar."""
+    parts = [f"{k} {float(metrics[k]):.4g}" for k in self.keys
+             if k in metrics]
+    if self._bar is not None and parts:
+      self._bar.set_postfix_str(" ".join(parts), refresh=False)
+
+  def note(self, text: str) -> None:
+    """Prints ``text`` on its own line above the bar."""
+    if not self._enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:  # pragma: no cover
+      print(text, flush=True)
+
   def close(self):
     if self._bar is not None:
       self._bar.close()
+
+
+def format_eval(step: int, metrics: Dict[str, Any]) -> Optional[str]:
+  """``'step 400: eval psnr 31.20 dB, l1 0.0412, ...'`` for the ``eval_*``
+  numbers of ``metrics`` (None when it has none)."""
+  parts = []
+  for key, v in metrics.items():
+    if not key.startswith("eval_") or not isinstance(v, (int, float)):
+      continue
+    name = key[len("eval_"):]
+    if name == "psnr":
+      parts.append(f"psnr {v:.2f} dB")
+    elif name in ("codebook_usage", "accuracy"):
+      parts.append(f"{name.replace('_', ' ')} {100 * v:.1f}%")
+    elif name == "images":
+      parts.append(f"on {v} images")
+    else:
+      parts.append(f"{name.replace('_', ' ')} {v:.4g}")
+  return f"step {step}: eval " + ", ".join(parts) if parts else None
+
+
+class StepClock:
+  """Measures seconds per step once, early in the run, and gives the ETA.
+
+  Call :meth:`tick` after each step's non-finite check, which has waited
+  for the step before it: the clock starts when the run's first step has
+  finished (so its compile and warm-up are not counted) and reports after
+  ``min_steps`` more steps, or after ``min_seconds`` if steps are slow.
+  It adds no device sync.
+  """
+
+  def __init__(self, start: int, total: int, min_steps: int = 10,
+               min_seconds: float = 20.0):
+    self.start, self.total = start, total
+    self.min_steps, self.min_seconds = min_steps, min_seconds
+    self._t0: Optional[float] = None
+    self.seconds_per_step: Optional[float] = None
+
+  def tick(self, step: int) -> Optional[str]:
+    """``step`` was just dispatched (``step - 1`` has finished); returns the
+    measurement line the one time it is ready."""
+    if self.seconds_per_step is not None:
+      return None
+    done = step - 1
+    now = time.perf_counter()
+    if done == self.start + 1:
+      self._t0 = now
+      return None
+    if self._t0 is None:
+      return None
+    measured = done - self.start - 1
+    elapsed = now - self._t0
+    if measured < self.min_steps and elapsed < self.min_seconds:
+      return None
+    self.seconds_per_step = elapsed / measured
+    left = self.total - done
+    return (f"{self.seconds_per_step:.3g} s/step (measured over steps "
+            f"{self.start + 2}-{done}, after the first); ETA "
+            f"{console.format_duration(left * self.seconds_per_step)} for "
+            f"the {left} steps left of {self.total}")
 
 
 def restore_or_init(ckpt, abstract_state: PyTree, state_shardings: PyTree,
@@ -211,6 +298,18 @@ class RunSummary(dict):
             f"({summary})")
 
 
+def _report_speed(progress: Progress, clock: StepClock, step: int) -> None:
+  line = clock.tick(step)
+  if line:
+    progress.note(line)
+
+
+def _report_eval(progress: Progress, step: int, out: Dict[str, Any]) -> None:
+  line = format_eval(step, out)
+  if line:
+    progress.note(line)
+
+
 @dataclasses.dataclass
 class Periodic:
   """A callback of :func:`train_loop` every ``every`` steps (0: never).
@@ -235,7 +334,9 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
                units_per_step: int = 1,
                periodic: Sequence[Periodic] = (),
                checkpoint_meta: Optional[Dict[str, Any]] = None,
-               on_exit: Iterable[Callable[[], None]] = ()) -> Dict[str, Any]:
+               on_exit: Iterable[Callable[[], None]] = (),
+               label: Optional[str] = None,
+               progress_keys: Sequence[str] = ("loss",)) -> Dict[str, Any]:
   """Trains from ``start_step`` to ``config.num_train_steps``.
 
   Each step: ``batch = next_batch(step)`` (the step before it runs), then
@@ -255,6 +356,11 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
   and the loop ends; no further step is dispatched. A checkpoint that cannot
   be written raises ``checkpoints.CheckpointSaveError``.
 
+  The progress bar carries ``label`` (default: the workdir's name) and the
+  ``progress_keys`` metrics of the last log step; the seconds per step and
+  the ETA measured after the first steps (:class:`StepClock`) and each
+  callback's ``eval_*`` numbers print as lines above it.
+
   Returns:
     a :class:`RunSummary`: the last logged metrics, updated with those of
     the periodic callbacks, and where the run ended.
@@ -264,7 +370,10 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
                                      is_primary=primary)
   preempt = runtime.PreemptionHandler()
   timer = metrics_lib.RateTimer()
-  progress = Progress(primary, start_step, config.num_train_steps)
+  progress = Progress(primary, start_step, config.num_train_steps,
+                      label=label or os.path.basename(workdir),
+                      keys=progress_keys)
+  clock = StepClock(start_step, config.num_train_steps)
   guard = NonFiniteGuard(config, ckpt, state["bad_steps"])
   pacer = StepPacer()
   last: Dict[str, Any] = {}
@@ -276,6 +385,7 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
       state, m = step_fn(state, batch)
       step += 1
       guard.update(step, m)
+      _report_speed(progress, clock, step)
       timer.add(units_per_step)
       progress(1)
       final = step == config.num_train_steps
@@ -284,6 +394,7 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
         guard.flush()
         last = writer.write(step, dict(m, **log_extras(timer.rate(),
                                                        guard.total)))
+        progress.show(last)
       pacer.settle(state)
       stop = preempt.stop_at(step)
       for p in periodic:
@@ -291,6 +402,7 @@ def train_loop(config, workdir: str, ckpt, state: PyTree, start_step: int, *,
           out = p.fn(step, state, batch)
           if out is not None:
             last.update(writer.write(step, out))
+            _report_eval(progress, step, out)
       if save_or_stop(ckpt, state, step, config, preempt,
                       {"step": step, **(checkpoint_meta or {})}, guard=guard,
                       stop=stop):

@@ -34,6 +34,7 @@ from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
+from vqgan_jax.training import startup
 
 PyTree = Any
 
@@ -387,6 +388,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   eval_fn = jax.jit(eval_py, in_shardings=(state_sh["params"], batch_sh),
                     out_shardings=repl)
 
+  # Compiled once, before the workdir is touched: the header, the memory
+  # check and the FLOPs for the MFU come from this program, which trains
+  # (a finished run, which only restores, compiles nothing).
+  if not startup.finished(config, workdir):
+    first = _global_batch(train, train_cond, 0, config, batch_sh)
+    step_fn, seconds = startup.compile_step(
+        step_fn, startup.abstract(abstract, state_sh),
+        startup.abstract(first, batch_sh))
+    startup.start(config, stage="stage 2 transformer", mesh=mesh,
+                  compiled=step_fn, compile_seconds=seconds,
+                  sizes=[("GPT", startup.param_count(abstract["params"]))],
+                  smaller="--config.gpt.n_embd or --config.gpt.n_layer")
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   init_fn = runtime.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))
   state, start = loop.restore_or_init(
@@ -403,8 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                           cond_vqgan=cond[2] if cond else None),
         code_entropy=entropy, train_config=config.to_dict())
 
-  flops = _step_flops(step_fn, state, _global_batch(train, train_cond, 0,
-                                                    config, batch_sh))
+  flops = _step_flops(step_fn)
   peak = peak_tflops(config)
   tokens_per_step = config.batch_size * layout.image_len
 
@@ -437,16 +449,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                             batch_sh),
       step_fn=step_fn, log_extras=log_extras,
       periodic=[loop.Periodic(config.eval_every, evaluate_now),
-                loop.Periodic(config.sample_every, save_samples)])
+                loop.Periodic(config.sample_every, save_samples)],
+      label="stage 2 transformer")
 
 
 def to_host_tree(tree):
   return jax.tree.map(to_host, tree)
 
 
-def _step_flops(step_fn, state, batch) -> Optional[float]:
+def _step_flops(compiled) -> Optional[float]:
+  """FLOPs of one call of the compiled step (XLA's cost analysis)."""
   try:
-    cost = step_fn.lower(state, batch).compile().cost_analysis()
+    cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
       cost = cost[0]
     return float(cost.get("flops", 0.0)) or None

@@ -35,6 +35,7 @@ from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
+from vqgan_jax.training import startup
 from vqgan_jax.training.vqgan_step import make_eval_step
 from vqgan_jax.training.vqgan_step import make_train_step
 
@@ -289,6 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
   run = create(config, mesh, extras)
+  step_fn = (run.step_fn if startup.finished(config, workdir) else
+             compile_and_report(config, run))  # before the workdir is touched
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
 
   def fresh_state():
@@ -324,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   return loop.train_loop(
       config, workdir, ckpt, state, start_step,
       next_batch=lambda step: next(batches),
-      step_fn=lambda state, batch: run.step_fn(
+      step_fn=lambda state, batch: step_fn(
           state, {"image": batch["image"]}, run.lpips_vars),
       units_per_step=config.batch_size,
       log_extras=lambda rate, skipped: dict(
@@ -333,4 +336,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                 loop.Periodic(config.eval_every, evaluate_now)],
       checkpoint_meta={"dataset": config.dataset},
       # no data thread left running at interpreter exit
-      on_exit=[host_batches.close])
+      on_exit=[host_batches.close],
+      label="stage 1 VQGAN", progress_keys=("loss", "rec_loss"))
+
+
+def compile_and_report(config, run: Setup):
+  """``run.step_fn`` compiled for the run's state and batch shapes; prints
+  the run's header and refuses a step that would not fit the device
+  (`vqgan_jax.training.startup`). The returned object replaces
+  ``run.step_fn`` (the same program, compiled once)."""
+  m = config.model
+  images = jax.ShapeDtypeStruct(
+      (config.batch_size, m.resolution, m.resolution, m.in_channels),
+      jnp.float32, sharding=run.batch_sharding)
+  compiled, seconds = startup.compile_step(
+      run.step_fn, startup.abstract(run.abstract_state, run.state_shardings),
+      {"image": images}, run.lpips_vars)
+  startup.start(
+      config, stage="stage 1 VQGAN", mesh=run.mesh, compiled=compiled,
+      compile_seconds=seconds,
+      sizes=[("generator", startup.param_count(run.abstract_state["params"])),
+             ("discriminator",
+              startup.param_count(run.abstract_state["disc_params"]))],
+      smaller="--config.model.ch or --config.model.resolution")
+  return compiled
