@@ -330,6 +330,12 @@ def run(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
                  if not getattr(fv, n)]
       if missing:
         raise ValueError(f"samples needs {', '.join(missing)}")
+      if not os.path.isfile(fv.inception):  # the message says where from
+        try:
+          from vqgan_jax import inception  # pylint: disable=g-import-not-at-top
+          inception.load_inception(fv.inception)
+        except FileNotFoundError as e:
+          raise FileNotFoundError(f"--inception: {e}") from None
       result = evaluate_samples(
           fv.samples, fv.reference, fv.inception, split=fv.split,
           data_dir=fv.data_dir, batch_size=fv.batch_size,
