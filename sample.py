@@ -62,11 +62,18 @@ def main(argv):
     except (ValueError, AssertionError):
       raise cli.UsageError(f"--grid={FLAGS.grid!r}; expected HxW in tokens, "
                            "e.g. 32x48") from None
+  classes = None
+  if FLAGS.classes:
+    try:
+      classes = [int(c) for c in FLAGS.classes]
+    except ValueError:
+      raise cli.UsageError(f"--classes={','.join(FLAGS.classes)!r}; expected "
+                           "class ids, e.g. --classes=3,5") from None
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "samples")
   try:
     s = sample_lib.sample_images(
         FLAGS.workdir, outdir,
-        classes=[int(c) for c in FLAGS.classes] if FLAGS.classes else None,
+        classes=classes,
         num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
         top_p=FLAGS.top_p, guidance_scale=FLAGS.guidance_scale, grid=grid,

@@ -1,24 +1,59 @@
-r"""A VQGAN on your own folder of images (found recursively), f16.
+r"""A VQGAN on your own folder of images (found recursively).
+
+`--config=configs/folder_vqgan.py:PATH[,PRESET]`, PRESET one of:
+
+  cpu   a small f4 VQGAN at 64x64 (1.1M parameters, 512 codes updated by
+        EMA with dead-code restart, no perceptual term, GAN from step 1001),
+        batch 8, 2000 steps; it writes reconstructions of the folder to
+        WORKDIR/images/ every 50 steps (docs/own_images.md has the
+        measurements):
+
+  python train_vqgan.py --config=configs/folder_vqgan.py:/data/my_images,cpu \
+      --workdir=runs/my_vqgan
+
+  (none) the reference's f16/1024 ImageNet model at 256x256, batch 8, for a
+        GPU or TPU (it does not fit a CPU: about 150 s per step); the
+        perceptual term needs the LPIPS weights (or turn it off):
 
   python train_vqgan.py --config=configs/folder_vqgan.py:/data/my_images \
-      --workdir=runs/my_vqgan --config.model.resolution=256 \
-      --config.loss.perceptual_weight=0            # or give the LPIPS paths
+      --workdir=runs/my_vqgan --config.loss.perceptual_weight=0
+      # or --config.loss.lpips_vgg_path=vgg16-397923af.pth
+      #    --config.loss.lpips_lin_path=lpips_vgg_v0.1.pth
 
-Starts from an official checkpoint with
-`--config.init_from=DIR` (a directory written by `python -m vqgan_jax.convert`,
-which also carries the reference's discriminator and LPIPS weights).
-Defaults: the f16/1024 trunk, GAN from step 10001, learning rate
-4.5e-6 x batch. Evaluation reads the same folder (centre crops).
+Either starts from an official checkpoint with `--config.init_from=DIR` (a
+directory written by `python -m vqgan_jax.convert`, which also carries the
+reference's discriminator and LPIPS weights; set config.model to its
+architecture). The full-size default: GAN from step 10001, learning rate
+4.5e-6 x batch. Evaluation reads the same folder (centre crops), so its PSNR
+measures fit, not generalisation.
 """
+import os
+
 from vqgan_jax.training import schema
+
+PRESETS = ("cpu",)
+
+
+def _split(arg: str):
+  """'PATH' or 'PATH,PRESET' -> (PATH, PRESET or '')."""
+  if os.path.isdir(os.path.expanduser(arg)):
+    return arg, ""  # a folder whose name holds a comma
+  path, comma, preset = arg.rpartition(",")
+  if not comma:
+    return arg, ""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} in {arg!r}; valid: "
+                     f"{', '.join(PRESETS)} (PATH,cpu) or none (PATH)")
+  return path, preset
 
 
 def get_config(arg: str = ""):
-  if not arg:
+  path, preset = _split(arg)
+  if not path:
     raise ValueError("give the image folder: --config=configs/folder_vqgan.py:"
-                     "/path/to/images")
+                     "/path/to/images (or /path/to/images,cpu)")
   c = schema.vqgan_config()
-  c.dataset = "folder:" + arg
+  c.dataset = "folder:" + path
   c.eval_split = "train"
   c.loss.disc_start = 10001
   c.batch_size = 8
@@ -26,4 +61,20 @@ def get_config(arg: str = ""):
   c.eval_every = 2000
   c.image_every = 1000
   c.checkpoint_every = 2000
+  if preset == "cpu":
+    c.model.update(dict(
+        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+        resolution=64, z_channels=64, n_embed=512, embed_dim=64))
+    c.model.quantizer_options.vq.update(dict(
+        legacy_loss=False, codebook_update="ema", dead_code_threshold=1.0))
+    c.loss.update(dict(disc_start=1001, disc_weight=0.1,
+                       perceptual_weight=0.0))
+    c.disc.update(dict(n_layers=2, ndf=32))
+    c.optim.update(dict(lr_scaling="none", learning_rate=1e-3))
+    c.num_train_steps = 2000
+    c.log_every = 25
+    c.eval_every = 50
+    c.eval_batches = 0  # the whole folder
+    c.image_every = 50
+    c.checkpoint_every = 500
   return c

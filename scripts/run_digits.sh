@@ -26,7 +26,7 @@ def last(path, key):
   return rows[-1] if rows else {}
 vq = last(f"{runs}/digits_vqgan/metrics.jsonl", "eval_psnr")
 tr = last(f"{runs}/digits_transformer/metrics.jsonl", "eval_loss")
-print(f"VQGAN:       held-out PSNR {vq.get('eval_psnr', float('nan')):.2f} dB, "
+print(f"VQGAN:       held-out PSNR {vq.get('eval_psnr', float('nan')):.2f} dB (unclipped decoder output), "
       f"codebook usage {100 * vq.get('eval_codebook_usage', 0):.1f}%   ({runs}/digits_vqgan)")
 ent = last(f"{runs}/digits_transformer/metrics.jsonl", "code_entropy").get("code_entropy", float("nan"))
 print(f"Transformer: validation loss {tr.get('eval_loss', float('nan')):.3f} nats/token "

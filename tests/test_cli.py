@@ -2,9 +2,14 @@
 that lists the tool's own flags and exits 0, and one `error:` line on stderr
 with exit status 2 for a command-line mistake, without a traceback.
 
-The scripts run in a subprocess (they parse absl's global flags and start
-fast); the `python -m` tools whose `main(argv)` parses its own flags run
-in-process, since their start-up imports JAX."""
+The scripts run in a subprocess (they parse absl's global flags), which
+proves the real exit path; the `python -m` tools, whose `main(argv)` parses
+its own flags, run in-process, since their start-up imports JAX. Most
+mistakes are batched in-process per entry point (the trainers through
+`training.launch.run` with a patched `sys.argv`), and each checks that the
+workdir is left as it was."""
+import re
+
 import pytest
 
 from benchmarks import __main__ as benchmarks_cli
@@ -157,3 +162,167 @@ def test_probe_and_ablation_help_and_mistakes(module, key_flags, capsys):
     main(["--no_such_flag=1"])
   assert e.value.code == 2
   _one_error_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------
+# Every entry point's mistakes, batched in-process (each entry point keeps
+# one subprocess case above, which proves the real exit path): one `error:`
+# line on stderr, exit 2, no traceback, and the workdir left as it was.
+
+
+def _tree(path):
+  """Every file under `path` with its size and mtime (None: no such path)."""
+  import os  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    return None
+  return sorted((os.path.relpath(os.path.join(root, f), path),
+                 os.path.getsize(os.path.join(root, f)),
+                 os.path.getmtime(os.path.join(root, f)))
+                for root, _, files in os.walk(path) for f in files)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  """A folder of four small RGB photos for the folder config."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("photos")
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+        root / f"{i}.png")
+  return root
+
+
+def _run_trainer(trainer, args, monkeypatch, capfd):
+  """`train_vqgan.py ARGS` / `train_transformer.py ARGS` in this process;
+  returns (exit status, stderr)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from vqgan_jax.training import launch  # pylint: disable=import-outside-toplevel
+  fv = flags.FLAGS
+  for name in [n for n in fv if n.startswith("config.")]:
+    delattr(fv, name)  # ml_collections' override flags of the last call
+  fv.unparse_flags()
+  monkeypatch.setattr(sys, "argv", [f"train_{trainer}.py"] + args)
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as e:
+    launch.run(f"vqgan_jax.training.{trainer}_trainer")
+  return e.value.code, capfd.readouterr().err
+
+
+def test_trainer_mistakes_exit_2_with_one_line_and_leave_the_workdir(
+    tmp_path, photos, monkeypatch, capfd):
+  from vqgan_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(tfds_source, "available", lambda: False)
+  workdir = tmp_path / "run"
+  (workdir / "keep").mkdir(parents=True)
+  (workdir / "keep" / "notes.txt").write_text("mine")
+  before = _tree(workdir)
+  cpu = f"--config=configs/folder_vqgan.py:{photos},cpu"
+  w = f"--workdir={workdir}"
+  cases = [
+      ("vqgan", [f"--config=configs/folder_vqgan.py:{photos},tpu", w],
+       "error: flag --config=configs/folder_vqgan.py:...: ValueError: unknown "
+       "preset 'tpu'"),
+      ("vqgan", [cpu, w, "--config.batch_sise=8"],
+       "error: --config.batch_sise: the config has no field 'batch_sise'; "
+       "Did you mean \"batch_size\""),
+      ("vqgan", [cpu, w, "--config.batch_size=eight"],
+       "error: flag --config.batch_size=eight: "),
+      ("vqgan", ["--config=configs/no_such_file.py", w],
+       "error: --config: cannot load the config file"),
+      ("vqgan", [cpu], "error: flag --workdir=None: "),
+      ("vqgan", [cpu, w, "--config.model.attn_resolutions=(3,)"],
+       "error: config.model.attn_resolutions contains [3], never reached"),
+      ("vqgan", [cpu, w, "--config.dataset=tfds:mnist"],
+       "error: config.dataset='tfds:mnist' needs TensorFlow Datasets"),
+      ("vqgan", [cpu, w, "--config.init_from=/no/such/dir"],
+       "error: config.init_from=/no/such/dir does not exist"),
+      # the perceptual term without its weights, then with a missing file
+      ("vqgan", [cpu, w, "--config.loss.perceptual_weight=1.0"],
+       "error: config.loss.perceptual_weight=1.0 needs LPIPS weights"),
+      ("vqgan", [cpu, w, "--config.loss.perceptual_weight=1.0",
+                 f"--config.loss.lpips_vgg_path={tmp_path / 'vgg16.pth'}",
+                 f"--config.loss.lpips_lin_path={tmp_path / 'vgg.pth'}"],
+       "error: config.loss.lpips_vgg_path: VGG16 weights file not found"),
+      ("transformer", ["--config=configs/digits_transformer.py", w,
+                       "--config.gpt.n_layr=2"],
+       "error: --config.gpt.n_layr: the config has no field 'n_layr'"),
+      ("transformer", ["--config=configs/digits_transformer.py", w,
+                       f"--config.vqgan_workdir={tmp_path / 'none'}"],
+       f"error: config.vqgan_workdir={tmp_path / 'none'} does not exist"),
+  ]
+  for trainer, args, message in cases:
+    code, err = _run_trainer(trainer, args, monkeypatch, capfd)
+    assert code == 2, (args, err[-2000:])
+    pattern = ".*".join(re.escape(part) for part in message.split("..."))
+    assert re.match(pattern, _one_error_line(err)), (args, err)
+    assert _tree(workdir) == before, args
+
+
+def test_tool_mistakes_exit_2_with_one_line(tmp_path, photos, capsys):
+  """evaluate (each mode), reconstruct, convert and benchmarks."""
+  from vqgan_jax import evaluate  # pylint: disable=import-outside-toplevel
+  missing = tmp_path / "missing"
+  cases = [
+      (evaluate.main, [], "error: give one mode"),
+      (evaluate.main, ["judge"], "error: give one mode"),
+      (evaluate.main, ["reconstruction", "--vqgn=x"],
+       "error: Unknown command line flag 'vqgn'"),
+      (evaluate.main, ["reconstruction", "--batch_size=big"],
+       "error: flag --batch_size=big: "),
+      (evaluate.main, ["reconstruction"], "error: reconstruction needs --vqgan"),
+      (evaluate.main, ["reconstruction", f"--vqgan={missing}"],
+       "error: no such directory"),
+      (evaluate.main, ["reconstruction", f"--vqgan={missing}",
+                       "--dataset=imagenet"],
+       "error: unknown dataset 'imagenet'; --dataset must be one of"),
+      (evaluate.main, ["reconstruction", f"--vqgan={missing}",
+                       f"--lpips_vgg={missing}.pth",
+                       f"--lpips_lin={missing}.pth"],
+       "error: --lpips_vgg: VGG16 weights file not found"),
+      (evaluate.main, ["samples", f"--samples={photos}",
+                       "--reference=digits"], "error: samples needs --inception"),
+      (evaluate.main, ["samples", f"--samples={photos}", "--reference=digits",
+                       f"--inception={missing}.pth"],
+       "error: --inception: Inception weights not found"),
+      (evaluate.main, ["digits-judge"], "error: digits-judge needs --samples"),
+      (evaluate.main, ["digits-judge", f"--samples={missing}"],
+       "error: samples folder not found"),
+      (reconstruct.main, [f"--model={missing}", f"--images={photos}",
+                          f"--out={tmp_path / 'o'}"],
+       "error: no such directory"),
+      (reconstruct.main, ["--model=m", f"--images={photos}"],
+       "error: flag --out=None: "),
+      (convert.main, ["--checkpoint=a.ckpt", f"--config={missing}.yaml",
+                      f"--out={tmp_path / 'o'}"],
+       "error: config file not found"),
+      (benchmarks_cli.main, ["--only=bogus"], "error: --only=bogus: valid"),
+  ]
+  from vqgan_jax import cli  # pylint: disable=import-outside-toplevel
+  for main, argv, message in cases:
+    try:
+      try:
+        code = main(argv)
+      except cli.UsageError as e:  # benchmarks' __main__ block does this
+        cli.fail(e)
+    except SystemExit as e:
+      code = e.code
+    assert code == 2, (argv, capsys.readouterr())
+    assert _one_error_line(capsys.readouterr().err).startswith(message), argv
+  assert not (tmp_path / "o").exists()
+
+
+def test_sample_py_workdir_without_checkpoint_exits_2(tmp_path):
+  """A transformer workdir whose first save has not finished, and class ids
+  that are not numbers: one line, exit 2 (as the trainers)."""
+  from vqgan_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  checkpoint.write_model_json(str(tmp_path), "transformer", {})
+  (tmp_path / "checkpoints" / "100").mkdir(parents=True)  # no commit marker
+  before = _tree(tmp_path)
+  r = tu.run_python(["sample.py", f"--workdir={tmp_path}"], check=False,
+                    timeout=120)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert "holds no complete checkpoint" in _one_error_line(r.stderr)
+  assert _tree(tmp_path) == before

@@ -11,7 +11,8 @@ from vqgan_jax.training import vqgan_trainer as vt
 
 VQGAN_CONFIGS = [("digits_vqgan", ""), ("digits_vqgan", "test"),
                  ("imagenet_vqgan", "f16_1024"), ("imagenet_vqgan", "f16_16384,bf16"),
-                 ("faces_vqgan", "/data/faces"), ("folder_vqgan", "/data/x")]
+                 ("faces_vqgan", "/data/faces"), ("folder_vqgan", "/data/x"),
+                 ("folder_vqgan", "/data/x,cpu")]
 
 
 @pytest.mark.parametrize("name,arg", VQGAN_CONFIGS)
@@ -31,6 +32,17 @@ def test_config_arguments_are_checked():
     tu.load_config("imagenet_vqgan", "f8")
   with pytest.raises(ValueError, match="give the image folder"):
     tu.load_config("folder_vqgan", "")
+  with pytest.raises(ValueError, match="unknown preset 'gpu'.*valid: cpu"):
+    tu.load_config("folder_vqgan", "/data/x,gpu")
+
+
+def test_folder_cpu_preset_is_small(tmp_path):
+  c = tu.load_config("folder_vqgan", "/data/x,cpu")
+  assert c.dataset == "folder:/data/x" and c.model.resolution <= 64
+  assert c.loss.perceptual_weight == 0  # no weights to download
+  comma = tmp_path / "a,cpu"  # an existing folder is never split
+  comma.mkdir()
+  assert tu.load_config("folder_vqgan", str(comma)).dataset == f"folder:{comma}"
 
 
 TRANSFORMER_CONFIGS = [("digits_transformer", ""), ("digits_transformer", "test"),

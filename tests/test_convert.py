@@ -249,6 +249,30 @@ def test_load_vqgan_errors(tmp_path):
     vqgan_jax.load_vqgan(str(tmp_path))
 
 
+def test_load_vqgan_of_a_transformer_directory_loads_its_first_stage(tmp_path):
+  """A transformer directory gives the VQGAN its model.json names (a
+  training workdir records config.vqgan_workdir; relative or absolute), or
+  its vqgan/ subfolder (a converted transformer)."""
+  from vqgan_jax import vqgan as vqgan_lib
+  model = vqgan_jax.VQGAN(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=(), resolution=8, z_channels=8,
+                          n_embed=16, embed_dim=8)
+  variables = vqgan_lib.init_variables(model, jax.random.PRNGKey(0))
+  stage1 = tmp_path / "stage1"
+  checkpoint.save_pretrained(str(stage1), "vqgan",
+                             vqgan_lib.model_config(model), variables)
+  (tmp_path / "converted").mkdir()
+  os.symlink(stage1, tmp_path / "converted" / "vqgan")
+  for name, info in [("relative", {"vqgan": "../stage1"}),
+                     ("absolute", {"vqgan": str(stage1)}),
+                     ("converted", {})]:
+    checkpoint.write_model_json(str(tmp_path / name), "transformer", {}, **info)
+    got_model, got = vqgan_jax.load_vqgan(str(tmp_path / name))
+    assert got_model == model, name
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(variables)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_full_f16_parameter_count_equals_reference():
   model = vqgan_jax.VQGAN(n_embed=16384)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),

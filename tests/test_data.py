@@ -292,7 +292,7 @@ def test_digits_and_folder_do_not_import_tensorflow(tmp_path):
 @pytest.fixture(scope='module')
 def tiny_tfds(tmp_path_factory):
   """A 6 + 3 example TFDS dataset built twice: tfrecord and array_record."""
-  import tensorflow_datasets as tfds  # in requirements.txt; never skipped
+  import tensorflow_datasets as tfds  # in requirements-dev.txt; never skipped
   rng = np.random.default_rng(0)
   arrays = {'train': [rng.integers(0, 256, (20 + i, 28, 3), dtype=np.uint8)
                       for i in range(6)],

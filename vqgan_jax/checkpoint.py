@@ -174,6 +174,22 @@ def restore_workdir_state(workdir: str) -> Tuple[Dict, int]:
   return restored["state"], step
 
 
+def first_stage_dir(path: str, info: Optional[Dict] = None) -> str:
+  """The VQGAN directory of a transformer directory: the one its
+  ``model.json`` names (``vqgan``, relative to ``path`` or absolute; a
+  training workdir records its ``config.vqgan_workdir`` there), else
+  ``path/vqgan`` (a converted transformer)."""
+  path = os.path.abspath(os.fspath(path))
+  info = read_model_json(path, "transformer") if info is None else info
+  named = info.get("vqgan")
+  first = os.path.join(path, named) if named else os.path.join(path, "vqgan")
+  if not os.path.isdir(first):
+    raise ValueError(f"{path} holds a 'transformer' model, not a 'vqgan', "
+                     f"and its first stage {first} is missing; pass the "
+                     "VQGAN's own directory")
+  return first
+
+
 def load_variables(path: str, kind: str, *, use_ema: bool = True
                    ) -> Tuple[Dict[str, Any], Dict]:
   """Returns ``(model.json contents, variables)`` of a pretrained dir or workdir."""
@@ -181,9 +197,8 @@ def load_variables(path: str, kind: str, *, use_ema: bool = True
   if not os.path.isdir(path):
     raise CheckpointNotFoundError(f"no such directory: {path}")
   info = read_model_json(path)
-  if info["kind"] != kind and kind == "vqgan" and os.path.isdir(
-      os.path.join(path, "vqgan")):
-    return load_variables(os.path.join(path, "vqgan"), kind, use_ema=use_ema)
+  if info["kind"] == "transformer" and kind == "vqgan":
+    return load_variables(first_stage_dir(path, info), kind, use_ema=use_ema)
   if info["kind"] != kind:
     raise ValueError(f"{path} holds a {info['kind']!r} model, not a {kind!r}")
   if os.path.isdir(os.path.join(path, "params")):
@@ -205,7 +220,8 @@ def load_vqgan(path: str, *, dtype=None, use_ema: bool = True):
   Args:
     path: a stage-1 training workdir (newest complete checkpoint), a
       directory written by ``python -m vqgan_jax.convert``, or a transformer
-      directory (its first stage).
+      directory (a workdir or converted): its first stage, the VQGAN that
+      its ``model.json`` names (see :func:`first_stage_dir`).
     dtype: compute dtype override (e.g. ``jnp.bfloat16``).
     use_ema: prefer the EMA parameters of a training workdir when kept.
   """

@@ -16,7 +16,8 @@ samples with the FID-standard Inception (weights by path, never downloaded).
 `digits-judge` trains a small classifier on the real `digits` training split
 and reports how often it sees the intended digit in class-conditional samples
 (file names `<class>_<index>.png` as sample.py writes, or its samples.npz).
-Every mode prints its numbers and writes them as JSON (`--output`).
+Every mode prints its numbers; `--output=FILE.json` writes them as JSON
+(digits-judge writes `<samples>/judge.json` without it).
 """
 from __future__ import annotations
 
@@ -109,11 +110,20 @@ def evaluate_reconstruction(vqgan_dir: str, dataset: str = "digits", *,
   if (lpips_vgg is None) != (lpips_lin is None):
     raise ValueError("LPIPS needs both --lpips_vgg (torchvision VGG16 .pth) "
                      "and --lpips_lin (lpips v0.1 vgg.pth), or neither")
-  model, variables = checkpoint.load_vqgan(vqgan_dir)
+  # The inputs named on the command line are checked before the model loads.
+  try:
+    data.check_dataset(dataset)
+  except ValueError as e:
+    raise ValueError(str(e).replace("config.dataset", "--dataset")) from None
   lp = None
   if lpips_vgg is not None:
     from vqgan_jax import lpips  # pylint: disable=g-import-not-at-top
-    lp = lpips.load_lpips(lpips_vgg, lpips_lin)
+    try:
+      lp = lpips.load_lpips(lpips_vgg, lpips_lin)
+    except FileNotFoundError as e:
+      flag = "vgg" if repr(os.fspath(lpips_vgg)) in str(e) else "lin"
+      raise FileNotFoundError(f"--lpips_{flag}: {e}") from None
+  model, variables = checkpoint.load_vqgan(vqgan_dir)
   ds = data.build_dataset(dataset, resolution=model.resolution, split=split,
                           data_dir=data_dir, channels=model.in_channels,
                           process_index=0, process_count=1)
@@ -277,7 +287,9 @@ def evaluate_digits_judge(samples: str, *, seed: int = 0,
 def _print(mode: str, r: Dict[str, Any]) -> None:
   if mode == "reconstruction":
     line = (f"{r['examples']} examples of {r['dataset']}:{r['split']}: "
-            f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}")
+            f"PSNR {r['psnr']:.2f} dB (outputs clipped to [-1, 1]; "
+            f"{r['psnr_unclipped']:.2f} dB unclipped, as the trainer's "
+            f"eval_psnr), SSIM {r['ssim']:.4f}")
     if "lpips" in r:
       line += f", LPIPS {r['lpips']:.4f}"
     line += (f", codebook usage {100 * r['codebook_usage']:.1f}% "
@@ -318,6 +330,12 @@ def run(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
                  if not getattr(fv, n)]
       if missing:
         raise ValueError(f"samples needs {', '.join(missing)}")
+      if not os.path.isfile(fv.inception):  # the message says where from
+        try:
+          from vqgan_jax import inception  # pylint: disable=g-import-not-at-top
+          inception.load_inception(fv.inception)
+        except FileNotFoundError as e:
+          raise FileNotFoundError(f"--inception: {e}") from None
       result = evaluate_samples(
           fv.samples, fv.reference, fv.inception, split=fv.split,
           data_dir=fv.data_dir, batch_size=fv.batch_size,
@@ -344,10 +362,19 @@ def run(argv, fv: flags.FlagValues = flags.FLAGS) -> int:
   return 0
 
 
-def main() -> None:
-  define_flags(flags.FLAGS)
-  cli.run(lambda argv: run(argv, flags.FLAGS), __doc__)
+def main(argv=None) -> int:
+  """The command line (``argv`` without the program name: the mode, then
+  flags); returns the exit status: 0 done, 2 a command-line mistake or an
+  unreadable input."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  rest = cli.parse(fv, argv, __doc__, prog="python -m vqgan_jax.evaluate",
+                   max_args=1)
+  try:
+    return run(["evaluate"] + rest, fv)
+  except app.UsageError as e:
+    cli.fail(e)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -18,7 +18,8 @@ Preprocessing follows the reference: convert to RGB (or L), resize the
 smallest side to `resolution` (PIL bicubic, antialiased when shrinking),
 crop `resolution` square (random for training, centred for evaluation),
 `x / 127.5 - 1`. `digits` and `folder:` never import TensorFlow; `tfds:`
-imports tensorflow_datasets lazily (reading needs no TensorFlow either).
+imports tensorflow_datasets lazily (reading needs no TensorFlow either), an
+optional install (`pip install -e '.[tfds]'`) that `check_dataset` asks for.
 """
 from vqgan_jax.data.pipeline import Dataset
 from vqgan_jax.data.pipeline import TrainIterator
@@ -68,7 +69,12 @@ def check_dataset(dataset: str, field: str = 'dataset') -> None:
   """Raises a ValueError unless `dataset` has one of `DATASET_FORMS`
   (`field` names the config field in the message)."""
   kind, sep, arg = str(dataset).partition(':')
-  if dataset == 'digits' or (kind in ('folder', 'tfds') and sep and arg):
+  if kind == 'tfds' and sep and arg:
+    from vqgan_jax.data import tfds_source
+    if not tfds_source.available():
+      raise ValueError(f'config.{field}={dataset!r} {tfds_source.MISSING}')
+    return
+  if dataset == 'digits' or (kind == 'folder' and sep and arg):
     return
   raise ValueError(f'unknown dataset {dataset!r}; config.{field} must be one '
                    f'of {", ".join(DATASET_FORMS)}')

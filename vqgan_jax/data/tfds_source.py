@@ -37,15 +37,24 @@ def parse_tfds_spec(spec: str) -> tuple[str, str | None]:
   return head, tail or None
 
 
+MISSING = ('needs TensorFlow Datasets, which the main install leaves out: '
+           "pip install -e '.[tfds]' (or pip install -r "
+           'requirements-tfds.txt); digits and folder:PATH need neither')
+
+
+def available() -> bool:
+  """Whether tensorflow_datasets is installed (looked up, not imported)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec('tensorflow_datasets') is not None
+
+
 def _import_tfds():
   """Imports tensorflow_datasets quietly and keeps TensorFlow off GPUs."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError(
-        'tfds: datasets need tensorflow-datasets; pip install '
-        'tensorflow-datasets (or use digits / folder:PATH).') from e
+    raise ImportError(f'tfds: datasets {MISSING} ({e})') from e
   hide_gpus_from_tensorflow()
   return tfds
 

@@ -77,11 +77,16 @@ def load_perceptual(config, extras: Dict[str, Any]):
   from vqgan_jax import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(config.model.dtype)  # the VGG trunk; distances stay f32
   if lc.lpips_vgg_path or lc.lpips_lin_path:
-    return lpips_lib.load_lpips(lc.lpips_vgg_path, lc.lpips_lin_path,
-                                dtype=dtype)
+    try:
+      return lpips_lib.load_lpips(lc.lpips_vgg_path, lc.lpips_lin_path,
+                                  dtype=dtype)
+    except FileNotFoundError as e:  # one line naming the field (exit 2)
+      field = ("lpips_vgg_path" if repr(os.fspath(lc.lpips_vgg_path)) in
+               str(e) else "lpips_lin_path")
+      raise schema.ConfigError(f"config.loss.{field}: {e}") from None
   if "lpips" in extras:
     return lpips_lib.LPIPS(dtype=dtype), extras["lpips"]
-  raise ValueError(
+  raise schema.ConfigError(
       f"config.loss.perceptual_weight={lc.perceptual_weight} needs LPIPS "
       "weights, and none were given. Either set "
       "--config.loss.lpips_vgg_path=PATH/vgg16-397923af.pth (torchvision's "
