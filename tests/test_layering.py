@@ -29,12 +29,13 @@ FORBIDDEN = ("vqgan_jax.training", "benchmarks", "tests", "vqgan_jax_testing")
 LAYERS = {
     # 1. Flax modules and pure functions.
     1: ("modules", "vqgan", "quantizers", "gpt", "attention", "gpt_layers",
-        "kv_cache", "discriminator", "lpips", "inception", "losses",
-        "metrics", "digits_judge", "conditioning", "data", "backends",
-        "config_io", "keymaps", "torch_io", "sharding", "digest", "image_io"),
+        "kv_cache", "logit_filters", "guidance", "discriminator", "lpips",
+        "inception", "losses", "metrics", "digits_judge", "conditioning",
+        "data", "backends", "config_io", "keymaps", "torch_io", "sharding",
+        "digest", "image_io"),
     # 2. Inference: sampling, loading and converting checkpoints, the tools.
-    2: ("sampling", "sliding_window", "checkpoint", "convert", "codes",
-        "sample_lib", "reconstruct", "evaluate", "cli"),
+    2: ("sampling", "speculative", "sliding_window", "checkpoint", "convert",
+        "codes", "sample_lib", "reconstruct", "evaluate", "cli"),
     # 3. Training.
     3: ("training",),
 }
