@@ -2,7 +2,8 @@ r"""Samples images from a stage-2 transformer and writes PNGs.
 
   python sample.py --workdir=runs/digits_transformer [--classes=3,5] \
       [--num_samples=8] [--outdir=OUT] [--seed=0] [--top_k=K] [--top_p=P] \
-      [--temperature=T] [--guidance_scale=S] [--grid=32x48] [--npz] \
+      [--temperature=T] [--guidance_scale=S] [--guidance_schedule=linear] \
+      [--guidance_interval=A,B] [--speculative_window=W] [--grid=32x48] [--npz] \
       [--compilation_cache_dir=DIR] [--host_malloc=keep]
 
 --workdir is a train_transformer.py workdir or a converted reference
@@ -10,7 +11,8 @@ transformer (python -m vqgan_jax.convert). Writes OUT/grid.png (one row per
 class for class-conditional models) and one PNG per sample, named
 `<class>_<index>.png` (`<index>.png` when unconditional); --num_samples is
 per class. --grid samples a token grid larger than the training grid with
-the sliding window.
+the sliding window. --speculative_window=W verifies W tokens per forward pass
+(speculative Jacobi decoding: the same distribution, fewer passes).
 """
 import os
 import sys
@@ -34,6 +36,16 @@ flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
 flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
 flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
+flags.DEFINE_enum("guidance_schedule", "constant",
+                  ["constant", "linear", "power", "cosine"],
+                  "Guidance scale over the tokens: constant, or a ramp from 1 "
+                  "to --guidance_scale.")
+flags.DEFINE_float("guidance_power", 2.0, "Exponent of --guidance_schedule=power.")
+flags.DEFINE_list("guidance_interval", None,
+                  "A,B: guide only the tokens whose progress lies in [A, B].")
+flags.DEFINE_integer("speculative_window", 0,
+                     "Speculative Jacobi decoding with W tokens per forward "
+                     "pass (0: one token per step).")
 flags.DEFINE_string("grid", None, "Token grid HxW larger than training (sliding window).")
 flags.DEFINE_string("cond_images", None, "Folder of conditioning images ('codes' models).")
 flags.DEFINE_bool("npz", False, "Also write samples.npz (uint8 images, tokens, labels).")
@@ -69,6 +81,17 @@ def main(argv):
     except ValueError:
       raise cli.UsageError(f"--classes={','.join(FLAGS.classes)!r}; expected "
                            "class ids, e.g. --classes=3,5") from None
+  interval = None
+  if FLAGS.guidance_interval:
+    try:
+      interval = tuple(float(v) for v in FLAGS.guidance_interval)
+      assert len(interval) == 2
+    except (ValueError, AssertionError):
+      raise cli.UsageError(f"--guidance_interval={','.join(FLAGS.guidance_interval)!r}; "
+                           "expected A,B, e.g. 0.2,0.8") from None
+  if FLAGS.speculative_window < 0:
+    raise cli.UsageError(f"--speculative_window={FLAGS.speculative_window}; "
+                         "expected W >= 1, or 0 for one token per step")
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "samples")
   try:
     s = sample_lib.sample_images(
@@ -76,7 +99,10 @@ def main(argv):
         classes=classes,
         num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p, guidance_scale=FLAGS.guidance_scale, grid=grid,
+        top_p=FLAGS.top_p, guidance_scale=FLAGS.guidance_scale,
+        guidance_schedule=FLAGS.guidance_schedule,
+        guidance_power=FLAGS.guidance_power, guidance_interval=interval,
+        speculative_window=FLAGS.speculative_window, grid=grid,
         cond_images=FLAGS.cond_images, save_npz=FLAGS.npz)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(e)

@@ -25,7 +25,8 @@ SCRIPTS = {
     "sample.py": (["sample.py"], [
         "--workdir", "--classes", "--num_samples", "--outdir", "--top_k",
         "--top_p", "--temperature", "--guidance_scale", "--grid", "--npz",
-        "--host_malloc"]),
+        "--host_malloc", "--guidance_schedule", "--guidance_interval",
+        "--speculative_window"]),
     "evaluate": (["-m", "vqgan_jax.evaluate"], [
         "--vqgan", "--dataset", "--samples", "--reference", "--inception",
         "--output", "--num_examples"]),

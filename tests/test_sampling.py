@@ -20,6 +20,7 @@ import pytest
 
 from vqgan_jax_testing import oracle
 from vqgan_jax import gpt as gpt_lib
+from vqgan_jax import guidance
 from vqgan_jax import sampling
 from vqgan_jax import sliding_window
 from vqgan_jax.keymaps import gpt as gpt_keymap
@@ -340,14 +341,21 @@ def test_gpu_command_buffers_are_a_compile_option_with_a_fallback(
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("null_len", [2, 1])
-def test_guidance_matches_step_by_step_computation(models, null_len):
+@pytest.mark.parametrize("null_len,schedule", [(2, "constant"), (1, "constant"),
+                                              (1, "cosine")])
+def test_guidance_matches_step_by_step_computation(models, null_len,
+                                                   schedule):
   _, model, variables = models
   prefix = _prefix(batch=2, length=2)
   null = np.zeros((1, null_len), np.int32)
   scale, steps = 2.5, 8
+  interval = None if schedule == "constant" else (0.2, 0.9)
   ours = sampling.sample(model, variables, prefix, steps, jax.random.key(0),
-                         greedy=True, guidance_scale=scale, null_prefix=null)
+                         greedy=True, guidance_scale=scale, null_prefix=null,
+                         guidance_schedule=schedule,
+                         guidance_interval=interval)
+  scales = guidance.guidance_scales(scale, steps, schedule,
+                                    interval=interval)
   cond, uncond = prefix, np.repeat(null, 2, axis=0)
   # Full forward passes without a cache; sequences are right-padded to one
   # length (causal attention: the padding does not affect earlier logits).
@@ -359,7 +367,7 @@ def test_guidance_matches_step_by_step_computation(models, null_len):
 
   for t in range(steps):
     lc, lu = last_logits(cond), last_logits(uncond)
-    token = np.argmax(lu + scale * (lc - lu), axis=-1).astype(np.int32)
+    token = np.argmax(lu + scales[t] * (lc - lu), axis=-1).astype(np.int32)
     np.testing.assert_array_equal(ours[:, t], token, err_msg=f"step {t}")
     cond = np.concatenate([cond, token[:, None]], axis=1)
     uncond = np.concatenate([uncond, token[:, None]], axis=1)
@@ -370,6 +378,40 @@ def test_guidance_matches_step_by_step_computation(models, null_len):
   with pytest.raises(ValueError):
     sampling.sample(model, variables, prefix, steps, jax.random.key(0),
                     guidance_scale=scale)
+
+
+def test_guidance_schedule_values():
+  r = np.arange(5) / 4
+  np.testing.assert_allclose(guidance.guidance_scales(3.0, 5), [3.0] * 5)
+  np.testing.assert_allclose(guidance.guidance_scales(3.0, 5, "linear"),
+                             1 + 2 * r, rtol=1e-6)
+  np.testing.assert_allclose(
+      guidance.guidance_scales(3.0, 5, "power", power=3.0), 1 + 2 * r ** 3,
+      rtol=1e-6)
+  np.testing.assert_allclose(guidance.guidance_scales(3.0, 5, "cosine"),
+                             [1.0, 1 + (1 - 0.5 ** 0.5), 2.0,
+                              1 + (1 + 0.5 ** 0.5), 3.0], rtol=1e-6)
+  np.testing.assert_allclose(
+      guidance.guidance_scales(3.0, 5, "linear", interval=(0.25, 0.5)),
+      [1.0, 1.5, 2.0, 1.0, 1.0], rtol=1e-6)
+  assert guidance.guidance_scales(2.0, 1, "linear").tolist() == [1.0]
+  for bad in (dict(schedule="exp"), dict(power=0.0),
+              dict(interval=(0.5, 0.2)), dict(interval=(0.0, 1.5))):
+    with pytest.raises(ValueError):
+      guidance.guidance_scales(2.0, 4, **bad)
+
+
+def test_constant_schedule_as_table_is_bit_identical(models):
+  """A per-token table of one scale (interval [0, 1]) samples exactly the
+  tokens of the scalar path, with sampling, top-k and top-p."""
+  _, model, variables = models
+  prefix, null = _prefix(batch=4, length=2), np.zeros((1, 1), np.int32)
+  kwargs = dict(guidance_scale=2.0, null_prefix=null, top_k=9, top_p=0.9)
+  scalar = sampling.sample(model, variables, prefix, 12, jax.random.key(5),
+                           **kwargs)
+  table = sampling.sample(model, variables, prefix, 12, jax.random.key(5),
+                          guidance_interval=(0.0, 1.0), **kwargs)
+  np.testing.assert_array_equal(table, scalar)
 
 
 # ----------------------------------------------------------------------------

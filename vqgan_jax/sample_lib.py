@@ -135,6 +135,10 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
                   temperature: float = 1.0, top_k: Optional[int] = None,
                   top_p: Optional[float] = None,
                   guidance_scale: Optional[float] = None,
+                  guidance_schedule: str = "constant",
+                  guidance_power: float = 2.0,
+                  guidance_interval: Optional[Sequence[float]] = None,
+                  speculative_window: int = 0,
                   grid: Optional[Sequence[int]] = None,
                   cond_images: Optional[str] = None, save_npz: bool = False,
                   progress: bool = True) -> Dict[str, object]:
@@ -174,6 +178,13 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
     null = np.full((1, 1), null_token, np.int32)
   if big and guidance_scale is not None:
     raise ValueError("guidance with the sliding window is not supported")
+  if big and speculative_window:
+    raise ValueError("--speculative_window does not apply to the sliding "
+                     "window (--grid)")
+  if guidance_scale is None and (guidance_schedule != "constant"
+                                 or guidance_interval is not None):
+    raise ValueError("--guidance_schedule / --guidance_interval need "
+                     "--guidance_scale")
   total = len(prefix)
   rng = jax.random.PRNGKey(seed)
   tokens: List[np.ndarray] = []
@@ -201,7 +212,11 @@ def sample_images(workdir: str, outdir: str, *, classes: Optional[Sequence[int]]
       else:
         toks = sampling.sample(model, variables, shard_batch(p), h * w, key,
                                temperature=temperature, top_k=top_k, top_p=top_p,
-                               guidance_scale=guidance_scale, null_prefix=null)
+                               guidance_scale=guidance_scale, null_prefix=null,
+                               guidance_schedule=guidance_schedule,
+                               guidance_power=guidance_power,
+                               guidance_interval=guidance_interval,
+                               speculative_window=speculative_window)
         toks = cond_lib.permute(np.asarray(toks), perm, inverse=True)
         gh, gw = h, w
         toks = toks.reshape(-1, gh, gw)

@@ -6,7 +6,9 @@ calls does not recompile (switching top-k or top-p between None and a value
 does, as does changing `num_tokens`, the batch or the prefix length).
 
 Layers of the API:
-  * `filter_logits` / `sample_logits`: pure per-step filtering and choice.
+  * `filter_logits` / `sample_logits` (from `vqgan_jax.logit_filters`):
+    pure per-step filtering and choice; guidance and its schedules:
+    `vqgan_jax.guidance`.
   * `decode_loop`: a pure scan over a `tokens_to_logits(token, state,
     position)` closure (testable with a fake logits function).
   * `sample`: the model sampler; the prefix runs once, then `lax.scan`
@@ -14,6 +16,8 @@ Layers of the API:
     Each segment's cache buffer only reaches the last position that segment
     writes, so attention never reads far past the filled prefix.
 
+Speculative Jacobi decoding (several tokens per forward pass, same
+distribution): `vqgan_jax.speculative`, or `sample(..., speculative_window=W)`.
 Token grids larger than the training window: `vqgan_jax.sliding_window`.
 """
 from __future__ import annotations
@@ -26,152 +30,16 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax import gpt as gpt_lib
+from vqgan_jax import guidance
 from vqgan_jax import kv_cache
 from vqgan_jax.keymaps import gpt as gpt_keymap
+# The filters live in `logit_filters`; their names stay importable from here.
+from vqgan_jax.logit_filters import (  # pylint: disable=unused-import
+    _ordered_bits, _per_row, filter_logits, sample_logits, top_k_mask,
+    top_p_mask)
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any, Array], tuple[Array, Any]]
-
-
-# ----------------------------------------------------------------------------
-# Filtering.
-# ----------------------------------------------------------------------------
-
-
-def _ordered_bits(x: Array) -> Array:
-  """Maps float32 to uint32 so that unsigned order equals float order."""
-  x = jnp.where(x == 0, jnp.zeros_like(x), x)  # -0.0 and +0.0 are equal
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  negative = (bits >> 31) == 1
-  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def top_k_mask(logits: Array, top_k: Array | int, *,
-               bits_per_round: int | None = None) -> Array:
-  """True where a logit is >= the k-th largest logit of its row.
-
-  The k-th largest value is found exactly by a radix search over an
-  order-preserving integer encoding of the float32 logits, `bits_per_round`
-  bits at a time, so `top_k` may be a traced value (no static bound, no
-  sort). Each round counts, for every value of the next digit at once, the
-  logits at or above the candidate threshold: 32 / bits_per_round dependent
-  reductions per call, each over 2**bits_per_round x V comparisons. The
-  result is exact for every setting; only the cost differs. On CPU the
-  comparisons dominate, so one bit per round is the default there. On a
-  GPU a decode step at small batch is bound by the number of dependent
-  kernels rather than by these comparisons, so four bits per round (8
-  reductions instead of 32) is the default there.
-
-  Args:
-    logits: float32 (..., V).
-    top_k: int, scalar or broadcastable to logits.shape[:-1]; clipped to
-      [1, V].
-    bits_per_round: 1, 2, 4 or 8 (static); None: 1 on CPU, else 4.
-
-  Returns:
-    bool (..., V).
-  """
-  if bits_per_round is None:
-    bits_per_round = 1 if jax.default_backend() == "cpu" else 4
-  if bits_per_round not in (1, 2, 4, 8):
-    raise ValueError(f"bits_per_round must be 1, 2, 4 or 8, got "
-                     f"{bits_per_round}")
-  keys = _ordered_bits(logits.astype(jnp.float32))
-  k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, logits.shape[-1])
-  k = jnp.broadcast_to(k, logits.shape[:-1])[..., None]
-  digits = jnp.arange(1, 1 << bits_per_round, dtype=jnp.uint32)
-  kth = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)
-  for shift in range(32 - bits_per_round, -1, -bits_per_round):
-    # Invariant: at least k keys are >= kth, so digit 0 always qualifies.
-    # Count the keys >= kth | d << shift for every other digit d at once;
-    # the counts fall with d: the digit is how many still reach k.
-    candidates = kth | (digits << shift)                   # (..., D - 1)
-    counts = jnp.sum(keys[..., None, :] >= candidates[..., None],
-                     axis=-1, dtype=jnp.int32)             # (..., D - 1)
-    best = jnp.sum(counts >= k, axis=-1, keepdims=True, dtype=jnp.uint32)
-    kth = kth | (best << shift)
-  return keys >= kth
-
-
-def top_p_mask(logits: Array, top_p: Array | float) -> Array:
-  """Nucleus mask: keep each token whose more probable tokens hold < p.
-
-  In descending order of probability, a token is kept if the total
-  probability of the tokens before it is < p; the first token whose
-  cumulative probability reaches p is thus the last kept, and the most
-  probable token is always kept.
-
-  Args:
-    logits: float32 (..., V).
-    top_p: float, scalar or broadcastable to logits.shape[:-1].
-
-  Returns:
-    bool (..., V).
-  """
-  logits = logits.astype(jnp.float32)
-  p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32),
-                       logits.shape[:-1])[..., None]
-  ordered = -jnp.sort(-logits, axis=-1)
-  probs = jax.nn.softmax(ordered, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs
-  before = before.at[..., 0].set(0.0)
-  num_kept = jnp.maximum(jnp.sum(before < p, axis=-1, keepdims=True), 1)
-  threshold = jnp.take_along_axis(ordered, num_kept - 1, axis=-1)
-  return logits >= threshold
-
-
-def _per_row(value: Array | float, ndim: int) -> Array:
-  """A scalar or per-row value reshaped to broadcast against (..., V)."""
-  value = jnp.asarray(value, jnp.float32)
-  return value.reshape(value.shape + (1,) * (ndim - value.ndim))
-
-
-def filter_logits(logits: Array, temperature: Array | float | None = None,
-                  top_k: Array | int | None = None,
-                  top_p: Array | float | None = None) -> Array:
-  """Temperature, top-k then top-p, each skipped when None.
-
-  Args:
-    logits: (..., V) logits.
-    temperature: divides the logits.
-    top_k: keep logits >= the k-th largest (see `top_k_mask`).
-    top_p: nucleus filtering of what top-k left (see `top_p_mask`).
-
-  Returns:
-    float32 (..., V) logits with the removed entries set to -inf.
-  """
-  logits = logits.astype(jnp.float32)
-  if temperature is not None:
-    logits = logits / _per_row(temperature, logits.ndim)
-  if top_k is not None:
-    logits = jnp.where(top_k_mask(logits, top_k), logits, -jnp.inf)
-  if top_p is not None:
-    logits = jnp.where(top_p_mask(logits, top_p), logits, -jnp.inf)
-  return logits
-
-
-def sample_logits(logits: Array, rng: Array, *,
-                  temperature: Array | float | None = None,
-                  top_k: Array | int | None = None,
-                  top_p: Array | float | None = None,
-                  greedy: bool = False) -> Array:
-  """Chooses one token per row.
-
-  Args:
-    logits: (B, V) logits.
-    rng: PRNG key (ignored when greedy).
-    temperature: see `filter_logits`.
-    top_k: see `filter_logits`.
-    top_p: see `filter_logits`.
-    greedy: take the argmax instead of sampling.
-
-  Returns:
-    int32 (B,) token ids.
-  """
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits, temperature, top_k, top_p)
-  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -296,9 +164,15 @@ def decoding_model(model: gpt_lib.GPT, variables: Any
   return model.clone(scan_layers=False, remat=False), variables
 
 
-def _guided(cond: Array, uncond: Array, scale: Array) -> Array:
-  cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
-  return uncond + scale * (cond - uncond)
+_guided = guidance.guided
+
+
+def _scale_at(scale: Array, step: Array | int) -> Array:
+  """The guidance scale of token `step`: `scale` itself when it is a scalar,
+  else its entry of a per-token table (`guidance.guidance_scales`)."""
+  if scale.ndim == 0:
+    return scale
+  return scale[jnp.clip(step, 0, scale.shape[0] - 1)]
 
 
 # XLA command-buffer (CUDA graph) types `sample` compiles with on GPUs:
@@ -350,14 +224,16 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
     # One batch of 2B rows: conditional rows first, unconditional after.
     cache = kv_cache.init_cache(model, 2 * batch, first_length)
     logits, cache = run(jnp.concatenate([prefix, null_prefix]), cache, 0)
-    first = _guided(logits[:batch, -1], logits[batch:, -1], guidance_scale)
+    first = _guided(logits[:batch, -1], logits[batch:, -1],
+                    _scale_at(guidance_scale, 0))
 
     def tokens_to_logits(token, cache, position):
       both = jnp.concatenate([token, token])[:, None]
       step_logits, cache = run(both, cache, position)
       step_logits = step_logits[:, 0]
       return _guided(step_logits[:batch], step_logits[batch:],
-                     guidance_scale), cache
+                     _scale_at(guidance_scale, position - prefix_len + 1)
+                     ), cache
 
     def prepare(cache, index):
       return kv_cache.resize_cache(cache, seg_lengths[index])
@@ -369,14 +245,16 @@ def _sample_body(model, variables, prefix, rng, temperature, top_k, top_p,
     null_cache = kv_cache.init_cache(model, batch, null_first)
     cond_logits, cond_cache = run(prefix, cond_cache, 0)
     null_logits, null_cache = run(null_prefix, null_cache, 0)
-    first = _guided(cond_logits[:, -1], null_logits[:, -1], guidance_scale)
+    first = _guided(cond_logits[:, -1], null_logits[:, -1],
+                    _scale_at(guidance_scale, 0))
     cache = (cond_cache, null_cache)
 
     def tokens_to_logits(token, caches, position):
       cond_logits, cond_cache = run(token[:, None], caches[0], position)
       null_logits, null_cache = run(token[:, None], caches[1],
                                     position + shift)
-      return (_guided(cond_logits[:, 0], null_logits[:, 0], guidance_scale),
+      scale = _scale_at(guidance_scale, position - prefix_len + 1)
+      return (_guided(cond_logits[:, 0], null_logits[:, 0], scale),
               (cond_cache, null_cache))
 
     def prepare(caches, index):
@@ -446,12 +324,18 @@ def sample(model: gpt_lib.GPT, variables: Any, prefix: Array, num_tokens: int,
            top_p: float | None = None, greedy: bool = False,
            guidance_scale: float | None = None,
            null_prefix: Array | None = None,
-           num_segments: int | None = None) -> Array:
+           guidance_schedule: str = "constant", guidance_power: float = 2.0,
+           guidance_interval: Sequence[float] | None = None,
+           num_segments: int | None = None,
+           speculative_window: int = 0) -> Array:
   """Samples `num_tokens` tokens after `prefix` with a key/value cache.
 
   The prefix runs through the model once; then each step feeds the previous
   token at position (number of cached tokens) inside `lax.scan` segments.
   On GPUs the call compiles with XLA command buffers (`GPU_COMMAND_BUFFERS`).
+  With `speculative_window` W > 0, speculative Jacobi decoding
+  (`vqgan_jax.speculative`) verifies W tokens per forward pass instead; the
+  tokens follow the same distribution (the same tokens when greedy).
 
   Args:
     model: the GPT (either layer layout).
@@ -466,8 +350,16 @@ def sample(model: gpt_lib.GPT, variables: Any, prefix: Array, num_tokens: int,
     guidance_scale: classifier-free guidance scale s; logits become
       uncond + s * (cond - uncond). Requires `null_prefix`.
     null_prefix: int32 (B, Tn) or (1, Tn) unconditional prefix.
+    guidance_schedule: how the scale varies over the tokens
+      (`guidance.SCHEDULES`: 'constant', 'linear', 'power', 'cosine'; see
+      `guidance.guidance_scales`).
+    guidance_power: exponent of the 'power' schedule.
+    guidance_interval: (a, b): guide only the tokens whose progress
+      t / (num_tokens - 1) lies in [a, b] (scale 1 elsewhere).
     num_segments: number of scan segments (static); default
       `default_num_segments(num_tokens - 1)`.
+    speculative_window: 0 for one token per step; W >= 1 for speculative
+      Jacobi decoding with windows of W tokens (static).
 
   Returns:
     int32 (B, num_tokens) sampled tokens (the prefix is not included).
@@ -482,6 +374,8 @@ def sample(model: gpt_lib.GPT, variables: Any, prefix: Array, num_tokens: int,
                      f"block_size {model.block_size}")
   if (guidance_scale is None) != (null_prefix is None):
     raise ValueError("guidance_scale and null_prefix go together")
+  guidance.check_schedule(guidance_schedule, guidance_power,
+                          guidance_interval)
   if null_prefix is not None:
     null_prefix = jnp.asarray(null_prefix, jnp.int32)
     if null_prefix.shape[0] == 1 and batch > 1:
@@ -489,7 +383,18 @@ def sample(model: gpt_lib.GPT, variables: Any, prefix: Array, num_tokens: int,
                                      + null_prefix.shape[1:])
     if null_prefix.shape[1] + num_tokens - 1 > model.block_size:
       raise ValueError("null_prefix + num_tokens exceeds block_size")
-    guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
+    if guidance.is_constant(guidance_schedule, guidance_interval):
+      guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
+    else:
+      guidance_scale = jnp.asarray(guidance.guidance_scales(
+          guidance_scale, num_tokens, guidance_schedule, guidance_power,
+          guidance_interval))
+  if speculative_window:
+    from vqgan_jax import speculative  # pylint: disable=import-outside-toplevel
+    return speculative.sample_speculative(
+        model, variables, prefix, num_tokens, rng, window=speculative_window,
+        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+        guidance_scale=guidance_scale, null_prefix=null_prefix)
   if num_segments is None:
     num_segments = default_num_segments(num_tokens - 1)
   return _SAMPLER_JITS(
