@@ -31,10 +31,12 @@ LAYERS = {
     1: ("modules", "vqgan", "quantizers", "gpt", "attention", "gpt_layers",
         "kv_cache", "discriminator", "lpips", "inception", "losses",
         "metrics", "digits_judge", "conditioning", "data", "backends",
-        "config_io", "keymaps", "torch_io", "sharding", "digest", "image_io"),
+        "config_io", "keymaps", "torch_io", "torch_write", "sharding", "digest",
+        "image_io"),
     # 2. Inference: sampling, loading and converting checkpoints, the tools.
     2: ("sampling", "sliding_window", "checkpoint", "convert", "codes",
-        "sample_lib", "reconstruct", "evaluate", "cli"),
+        "sample_lib", "reconstruct", "evaluate", "cli", "export",
+        "export_transformer"),
     # 3. Training.
     3: ("training",),
 }
