@@ -115,6 +115,21 @@ def _fold(flat, conv: str, dense: str, before: bool) -> None:
   flat[(conv, "bias")] = bias.astype(np.float32)
 
 
+def check_exportable(model) -> None:
+  """Raises :class:`ExportError` for a VQGAN the reference cannot express
+  (checked before any weights are read)."""
+  if model.quantizer not in ("vq", "gumbel", "lfq"):
+    raise ExportError(
+        f"quantizer={model.quantizer!r} has no taming-transformers "
+        "equivalent (its codes are not the nearest entries of a codebook); "
+        "export a 'vq', 'gumbel' or 'lfq' model")
+  if model.quantizer == "gumbel" and model.embed_dim != model.z_channels:
+    raise ExportError(
+        f"a Gumbel model with embed_dim={model.embed_dim} != z_channels="
+        f"{model.z_channels} has no GumbelVQ equivalent (its proj reads "
+        "z_channels)")
+
+
 def first_stage_reference(model, params, *, lossconfig=None
                           ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray],
                                      List[str]]:
@@ -134,12 +149,8 @@ def first_stage_reference(model, params, *, lossconfig=None
     ExportError: naming a quantizer or option with no reference equivalent.
   """
   from vqgan_jax import quantizers  # pylint: disable=g-import-not-at-top
+  check_exportable(model)
   kind, opts = model.quantizer, dict(model.quantizer_options)
-  if kind not in ("vq", "gumbel", "lfq"):
-    raise ExportError(
-        f"quantizer={kind!r} has no taming-transformers equivalent (its "
-        "codes are not the nearest entries of a codebook); export a 'vq', "
-        "'gumbel' or 'lfq' model")
   flat = _numpy(params)
   dd = dict(double_z=False, z_channels=model.z_channels,
             resolution=model.resolution, in_channels=model.in_channels,
@@ -152,11 +163,6 @@ def first_stage_reference(model, params, *, lossconfig=None
   notes = [f"quantizer_options.{kind}.{k}={opts[k]!r}"
            for k, ref in _TRAINING_ONLY.items() if k in opts and opts[k] != ref]
   if kind == "gumbel":
-    if model.embed_dim != model.z_channels:
-      raise ExportError(
-          f"a Gumbel model with embed_dim={model.embed_dim} != z_channels="
-          f"{model.z_channels} has no GumbelVQ equivalent (its proj reads "
-          "z_channels)")
     t = float(opts["temperature"])
     p.update(kl_weight=float(opts["kl_weight"]),
              temperature_scheduler_config={
@@ -231,6 +237,7 @@ def _stage1_source(path: str, use_ema: bool):
     raise ExportError(f"{path} holds a {info['kind']!r} model; export it with "
                       "export_taming_transformer")
   model = vqgan_lib.from_config(info["config"])
+  check_exportable(model)
   train = info.get("train_config") or {}
   if os.path.isdir(os.path.join(path, "params")):  # a pretrained directory
     variables = checkpoint.restore_tree(os.path.join(path, "params"))
@@ -255,7 +262,10 @@ def _stage1_source(path: str, use_ema: bool):
 
 
 def write_files(out_dir, model_cfg, state_dict, global_step, epoch, notes,
-           overwrite) -> Exported:
+                overwrite) -> Exported:
+  """Writes ``OUT/checkpoints/last.ckpt`` and ``OUT/configs/model.yaml``
+  (``notes`` as comments at its top), refusing to replace files unless
+  ``overwrite``."""
   ckpt = os.path.join(os.fspath(out_dir), CKPT_FILE)
   cfg = os.path.join(os.fspath(out_dir), YAML_FILE)
   if not overwrite:
@@ -334,8 +344,8 @@ def export_taming_vqgan(source, out_dir, *, variables=None,
       model, variables["params"], lossconfig=lossconfig)
   sd.update(loss_sd)
   return write_files(out_dir, model_cfg, sd,
-                step if global_step is None else global_step, epoch,
-                qnotes + notes, overwrite)
+                     step if global_step is None else global_step, epoch,
+                     qnotes + notes, overwrite)
 
 
 # ----------------------------------------------------------------------------

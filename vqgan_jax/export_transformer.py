@@ -103,6 +103,9 @@ def _cond_stage(cond, cond_vqgan, notes) -> Tuple[Dict, Dict, Any]:
                                               int(cond["num_classes"])}},
              "cond_stage_key": "class_label"}, {}, None)
   if kind == "coord":
+    if "n_embed" not in cond or "down_factor" not in cond:
+      raise ExportError("conditioning.kind='coord' without n_embed and "
+                        "down_factor has no CoordStage equivalent")
     return ({"cond_stage_config": {
         "target": "taming.modules.misc.coord.CoordStage",
         "params": {"n_embed": int(cond["n_embed"]),
@@ -200,8 +203,6 @@ def export_taming_transformer(source, out_dir, *, variables=None, vqgan=None,
             "first_stage_config": first_cfg, **cond_params,
             "permuter_config": perm_cfg, "first_stage_key": "image",
             "pkeep": float(pkeep)}
-  return write_files(out_dir, {"target": TRANSFORMER_TARGET, "params": params}, sd,
-                step if global_step is None else global_step, epoch,
-                first_notes + notes, overwrite)
-
-
+  return write_files(out_dir, {"target": TRANSFORMER_TARGET, "params": params},
+                     sd, step if global_step is None else global_step, epoch,
+                     first_notes + notes, overwrite)
