@@ -345,7 +345,7 @@ def test_transformer_export_gives_the_reference_logits(cond, tmp_path, torch):
       ref_logits, ref_target = ref(rc.to_nchw(x), c_in)
     inputs, targets, start = cond_lib.sequence(
         jnp.asarray(c_tok, jnp.int32), jnp.asarray(cond_lib.permute(z, perm)))
-    logits = gpt.apply(gvars, inputs)[:, start:]
+    logits = jax.jit(gpt.apply)(gvars, inputs)[:, start:]  # one compile
     np.testing.assert_array_equal(np.asarray(targets), ref_target.numpy())
     np.testing.assert_allclose(np.asarray(logits), ref_logits.numpy(),
                                atol=1e-4)
