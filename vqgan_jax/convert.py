@@ -14,6 +14,13 @@ Command line (writes this project's checkpoint format, loadable with
 No torch is needed: checkpoints are read with :mod:`vqgan_jax.torch_io`, and
 their keys are mapped onto this package's parameters by
 :mod:`vqgan_jax.keymaps`.
+
+The other direction, models trained here to the reference's ``.ckpt`` + YAML
+(:mod:`vqgan_jax.export`)::
+
+  export_taming_vqgan("runs/vq", "exported/vq")
+  export_taming_transformer("runs/gpt", "exported/gpt")
+  python -m vqgan_jax.convert export --workdir=runs/vq --out=exported/vq
 """
 from __future__ import annotations
 
@@ -40,6 +47,18 @@ VQ_TARGETS = {
     "taming.models.vqgan.GumbelVQ": "gumbel",
 }
 TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
+
+
+def export_taming_vqgan(*args, **kwargs):
+  """:func:`vqgan_jax.export.export_taming_vqgan` (stage 1 to the reference)."""
+  from vqgan_jax import export  # pylint: disable=g-import-not-at-top
+  return export.export_taming_vqgan(*args, **kwargs)
+
+
+def export_taming_transformer(*args, **kwargs):
+  """:func:`vqgan_jax.export_transformer.export_taming_transformer`."""
+  from vqgan_jax import export_transformer  # pylint: disable=g-import-not-at-top
+  return export_transformer.export_taming_transformer(*args, **kwargs)
 
 
 class ConversionError(ValueError):
@@ -419,15 +438,24 @@ GumbelVQ or Net2NetTransformer) to vqgan-jax's format.
 
   python -m vqgan_jax.convert --checkpoint=last.ckpt --config=model.yaml \\
       --out=converted/vqgan_f16_16384 [--noisy-gumbel]
+
+The other direction (`export --help` lists its flags):
+
+  python -m vqgan_jax.convert export --workdir=runs/vq --out=exported/vq
 """
 
 
 def main(argv=None) -> int:
   """The command line (``argv`` without the program name); returns the exit
-  status: 0 written, 2 a command-line mistake or an unreadable input."""
+  status: 0 written, 2 a command-line mistake or an unreadable input.
+  ``export ...`` runs :func:`vqgan_jax.export.main` (the other direction)."""
+  args = list(sys.argv[1:] if argv is None else argv)
+  if args[:1] == ["export"]:
+    from vqgan_jax import export  # pylint: disable=g-import-not-at-top
+    return export.main(args[1:])
   fv = flags.FlagValues()
   define_flags(fv)
-  cli.parse(fv, argv, _USAGE, prog="python -m vqgan_jax.convert")
+  cli.parse(fv, args, _USAGE, prog="python -m vqgan_jax.convert")
   checkpoint_path, config_path, out_dir = fv.checkpoint, fv.config, fv.out
   try:
     cfg = read_reference_config(config_path)

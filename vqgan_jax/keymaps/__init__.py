@@ -6,17 +6,21 @@ variables of this package's model:
 
 * :mod:`~vqgan_jax.keymaps.vqgan`: taming-transformers VQModel / GumbelVQ
   (first and conditioning stages), both directions;
-* :mod:`~vqgan_jax.keymaps.gpt`: the minGPT of a Net2NetTransformer, and the
-  unrolled <-> scanned layer layouts of :class:`vqgan_jax.GPT`;
-* :mod:`~vqgan_jax.keymaps.discriminator`: the PatchGAN of the VQGAN loss;
+* :mod:`~vqgan_jax.keymaps.gpt`: the minGPT of a Net2NetTransformer (both
+  directions), and the unrolled <-> scanned layer layouts of
+  :class:`vqgan_jax.GPT`;
+* :mod:`~vqgan_jax.keymaps.discriminator`: the PatchGAN of the VQGAN loss,
+  both directions;
 * :mod:`~vqgan_jax.keymaps.lpips`: torchvision's VGG16 with the lpips heads,
-  or the perceptual loss stored in a reference VQGAN checkpoint;
+  or the perceptual loss stored in a reference VQGAN checkpoint (that one
+  both directions);
 * :mod:`~vqgan_jax.keymaps.inception`: pytorch-fid's FID Inception.
 
 The maps import no model: the caller passes the target's shapes (the
 model's abstract variables, ``jax.eval_shape`` of its ``init``), or for the
 GPT the model itself or nothing (the sizes are then read from the state
-dict). The model modules' loaders (``lpips.load_lpips``,
+dict). The inverse maps (``state_dict_from_*``, ``reference_state_dict``)
+serve :mod:`vqgan_jax.export`. The model modules' loaders (``lpips.load_lpips``,
 ``inception.load_inception``, ``discriminator.params_from_state_dict``,
 ``convert.load_taming_*``) build those shapes and call the maps.
 

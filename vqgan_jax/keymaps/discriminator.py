@@ -110,3 +110,47 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray],
                           dtype)
     out[col].setdefault(name, {})[leaf] = value
   return out
+
+
+def state_dict_from_variables(variables: Mapping[str, Any], *, prefix: str
+                              ) -> Dict[str, np.ndarray]:
+  """Inverse of :func:`variables_from_state_dict` (Flax -> torch layout).
+
+  Adds the buffers a torch ``NLayerDiscriminator`` holds beyond the Flax
+  variables, so that ``load_state_dict(strict=True)`` accepts the result:
+  BatchNorm's ``num_batches_tracked`` (0; unused with the reference's
+  momentum 0.1), and ActNorm's ``initialized`` flag as uint8.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` of the PatchGAN.
+    prefix: prepended to every key, e.g. ``'loss.discriminator.'``.
+
+  Returns:
+    ``{torch key: array}``, float32 except the integer buffers.
+  """
+  out: Dict[str, np.ndarray] = {}
+  params = variables["params"]
+  stats = variables.get("batch_stats", {})
+  for name in sorted(set(params) | set(stats), key=lambda n: int(n.split("_")[1])):
+    i = name.split("_")[1]
+    leaves = dict(params.get(name, {}))
+    actnorm = "loc" in leaves
+    for leaf, value in leaves.items():
+      value = np.asarray(value, np.float32)
+      if leaf == "kernel":
+        value = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+        torch_name = "weight"
+      elif actnorm:
+        value, torch_name = value.reshape(1, -1, 1, 1), leaf
+      else:
+        torch_name = _TORCH_NAMES[leaf]
+      out[f"{prefix}main.{i}.{torch_name}"] = value
+    for leaf, value in dict(stats.get(name, {})).items():
+      if leaf == "initialized":
+        out[f"{prefix}main.{i}.initialized"] = np.asarray(value, np.uint8)
+      else:
+        out[f"{prefix}main.{i}.{_TORCH_NAMES[leaf]}"] = np.asarray(
+            value, np.float32)
+    if not actnorm and "mean" in dict(stats.get(name, {})):
+      out[f"{prefix}main.{i}.num_batches_tracked"] = np.zeros((), np.int64)
+  return out

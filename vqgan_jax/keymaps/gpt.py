@@ -206,3 +206,52 @@ def unstack_layers(params: Params) -> Params:
     params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i],
                                                    stacked)
   return params
+
+
+def causal_mask(block_size: int, n_unmasked: int = 0) -> np.ndarray:
+  """The reference attention's ``mask`` buffer, (1, 1, block, block) float32:
+  lower-triangular ones, with the first ``n_unmasked`` positions seeing each
+  other."""
+  mask = np.tril(np.ones((block_size, block_size), np.float32))
+  mask[:n_unmasked, :n_unmasked] = 1.0
+  return mask.reshape(1, 1, block_size, block_size)
+
+
+def state_dict_from_params(params: Params, *, prefix: str = "transformer.",
+                           n_unmasked: int = 0,
+                           masks: bool = True) -> dict[str, np.ndarray]:
+  """Inverse of :func:`params_from_state_dict` (Flax -> torch layout).
+
+  Args:
+    params: `GPT` params, unrolled (`blocks_{i}`) or stacked (`blocks`).
+    prefix: prepended to every key.
+    n_unmasked: the model's `n_unmasked`, for the mask buffers.
+    masks: add each layer's `attn.mask` buffer, which the reference's
+      `load_state_dict(strict=True)` expects.
+
+  Returns:
+    ``{torch key: float32 array}``.
+  """
+  if "blocks" in params:
+    params = unstack_layers(params)
+
+  def get(tree, path):
+    for name in path:
+      tree = tree[name]
+    return np.asarray(tree, np.float32)
+
+  def convert(value, transpose):
+    return np.ascontiguousarray(value.T) if transpose else value
+
+  out = {}
+  for key, (path, transpose) in _TOP_MAP.items():
+    out[prefix + key] = convert(get(params, path), transpose)
+  block = out[prefix + "pos_emb"].shape[1]
+  n_layer = sum(1 for k in params if re.fullmatch(r"blocks_\d+", k))
+  for i in range(n_layer):
+    for suffix, (path, transpose) in _LAYER_MAP.items():
+      out[f"{prefix}blocks.{i}.{suffix}"] = convert(
+          get(params[f"blocks_{i}"], path), transpose)
+    if masks:
+      out[f"{prefix}blocks.{i}.attn.mask"] = causal_mask(block, n_unmasked)
+  return out

@@ -188,3 +188,28 @@ def reference_params(state_dict: Mapping[str, np.ndarray],
   _check_keys({k: v for k, v in sub.items() if k not in buffers}, expected,
               f"state dict under prefix {prefix!r}")
   return _build_params(sub, vgg_keys, lin_keys, dtype)
+
+
+def reference_state_dict(params: Mapping[str, Any], *, prefix: str,
+                         shift: Sequence[float], scale: Sequence[float]
+                         ) -> Dict[str, np.ndarray]:
+  """Inverse of :func:`reference_params`: the reference's perceptual-loss
+  keys (``net.slice{s}.{N}.*``, ``lin{k}.model.1.weight`` and the two
+  ``scaling_layer`` buffers of shape (1, 3, 1, 1)) from LPIPS ``params``."""
+
+  def key_of(n):
+    s = sum(n >= start for start in _SLICE_STARTS)
+    return f"{prefix}net.slice{s}.{n}"
+
+  out = {f"{prefix}scaling_layer.shift":
+             np.asarray(shift, np.float32).reshape(1, 3, 1, 1),
+         f"{prefix}scaling_layer.scale":
+             np.asarray(scale, np.float32).reshape(1, 3, 1, 1)}
+  keys = {**_trunk_keys(params, key_of), **_lin_keys(params, prefix)}
+  for key, role in keys.items():
+    name, kind = role.split("/")
+    value = np.asarray(params[name][kind], np.float32)
+    if kind == "kernel":
+      value = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+    out[key] = value
+  return out
