@@ -33,6 +33,7 @@ from vqgan_jax.backends import xla_cpu
 from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
+from vqgan_jax.training import optimizer_import
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
 from vqgan_jax.training.vqgan_step import make_eval_step
@@ -128,9 +129,14 @@ def init_state(model, disc, tx_g, tx_d, config, rng) -> PyTree:
 # The loop
 
 
-def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
+def _load_init_from(config, model, state, extras: Dict[str, Any],
+                    optimizers: Optional[optimizer_import.Stage1Optimizers]
+                    = None) -> PyTree:
   """Replaces parameters by those of ``config.init_from`` (checked), and the
-  discriminator by the one saved beside it (``extras``) when it fits."""
+  discriminator by the one saved beside it (``extras``) when it fits. With
+  ``optimizers`` (read from ``config.init_from_optimizer``) both Adam states
+  and the step continue the reference run
+  (:mod:`vqgan_jax.training.optimizer_import`)."""
   path = config.init_from
   info, variables = ckpt_lib.load_variables(path, "vqgan")
   shapes_ok = jax.tree.structure(variables["params"]) == jax.tree.structure(
@@ -156,6 +162,8 @@ def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
     else:
       logging.warning("init_from: discriminator architecture differs from "
                       "config.disc; starting the discriminator from scratch")
+  if optimizers is not None:
+    state = optimizer_import.apply_stage1(state, optimizers)
   return state
 
 
@@ -289,12 +297,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
   run = create(config, mesh, extras)
+  optimizers = None  # read and checked before the workdir is touched
+  if config.init_from_optimizer and ckpt_lib.latest_step(
+      os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)) is None:
+    optimizers = optimizer_import.read_stage1(config, run.abstract_state,
+                                              extras)
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
 
   def fresh_state():
     state = run.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
-      state = _load_init_from(config, run.model, state, extras)
+      state = _load_init_from(config, run.model, state, extras, optimizers)
       state = jax.device_put(state, run.state_shardings)
     if config.disc.use_actnorm and not _disc_initialized(state):
       state = _init_actnorm(run, state, train_ds, config)
