@@ -17,6 +17,7 @@ import copy
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from vqgan_jax_testing import train_utils as tu
@@ -102,6 +103,11 @@ def resumed(tmp_path_factory):
   for i in range(BEFORE):
     _reference_step(torch, ref, (opt_g, opt_d), xs[i], i)
   sd = {k: v for k, v in ref.state_dict().items() if "perceptual" not in k}
+  # The moments by parameter identity (independent of any index order).
+  by_name = {n: {k: opt.state[p][k].numpy().copy()
+                 for k in ("exp_avg", "exp_avg_sq")}
+             for opt in (opt_g, opt_d) for n, p in ref.named_parameters()
+             if p in opt.state}
   path = str(tmp / "last.ckpt")
   torch.save({"state_dict": sd, "global_step": BEFORE,
               "optimizer_states": [opt_g.state_dict(), opt_d.state_dict()]},
@@ -125,7 +131,9 @@ def resumed(tmp_path_factory):
   extras = ckpt_lib.load_extras(conv)
   imported = oi.read_stage1(c, run.abstract_state, extras)
   return dict(c=c, run=run, extras=extras, imported=imported, want=want,
-              xs=xs[BEFORE:], path=path, tmp=tmp, sd=sd)
+              xs=xs[BEFORE:], path=path, tmp=tmp, by_name=by_name,
+              sd_buffers={k: v.numpy() for k, v in sd.items()
+                          if k.startswith("loss.discriminator.")})
 
 
 def _train(r, imported):
@@ -203,6 +211,40 @@ def test_hyperparameters_that_differ_are_named(resumed):
                    "lr=0.002",
                    "the checkpoint's generator Adam has betas=(0.5, 0.9), "
                    "this run betas=(0.9, 0.9)"]
+
+
+def test_moments_fill_the_adam_state_of_any_stage1_chain(resumed):
+  """With gradient clipping the chain has another state before Adam's; the
+  moments still land in the one ScaleByAdamState, leaf by leaf."""
+  c = copy.deepcopy(resumed["c"])
+  c.optim.grad_clip = 1.0
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                        resumed["run"].abstract_state["params"])
+  gen = resumed["imported"].generator
+  state = oi.with_adam_moments(vt.make_optimizer(c).init(params), gen, "opt")
+  adam, = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+           if isinstance(s, optax.ScaleByAdamState)]
+  assert int(adam.count) == gen.count
+  np.testing.assert_array_equal(adam.mu["decoder"]["conv_out"]["kernel"],
+                                gen.mu["decoder"]["conv_out"]["kernel"])
+  np.testing.assert_array_equal(adam.nu["quantize"]["embedding"],
+                                gen.nu["quantize"]["embedding"])
+  # Each parameter's moments, as named by the reference's own optimizer.
+  abstract = resumed["run"].abstract_state
+  for key, field in (("exp_avg", "mu"), ("exp_avg_sq", "nu")):
+    named = {n: m[key] for n, m in resumed["by_name"].items()}
+    want_g = keymaps.vqgan.params_from_state_dict(named, abstract["params"])
+    want_d = keymaps.discriminator.variables_from_state_dict(
+        {**resumed["sd_buffers"], **named},
+        {"params": abstract["disc_params"], **abstract["disc_state"]},
+        prefix="loss.discriminator.", what="test")["params"]
+    imp = resumed["imported"]
+    for got, want in ((getattr(imp.generator, field), want_g),
+                      (getattr(imp.discriminator, field), want_d)):
+      assert jax.tree.structure(got) == jax.tree.structure(want)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
 
 
 def _bad(r, edit, name):
