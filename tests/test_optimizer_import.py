@@ -285,6 +285,15 @@ def test_states_that_cannot_be_mapped_are_one_line_errors(resumed, name, edit,
   assert str(e.value).startswith("config.init_from_optimizer: ")
 
 
+def test_another_discriminator_is_named(resumed):
+  c = copy.deepcopy(resumed["c"])
+  c.disc.n_layers = 2
+  run = vt.create(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  with pytest.raises(schema.ConfigError,
+                     match="does not match the configured discriminator"):
+    oi.read_stage1(c, run.abstract_state, resumed["extras"])
+
+
 def test_the_trainer_refuses_before_touching_the_workdir(resumed, tmp_path):
   c = copy.deepcopy(resumed["c"])
   c.init_from_optimizer = _bad(resumed, lambda k: k.update(

@@ -72,7 +72,7 @@ def discriminator_names(state_dict: Mapping[str, Any],
                         prefix: str = DISCRIMINATOR_PREFIX) -> List[str]:
   """Torch names of the discriminator's parameters, in registration order."""
   return [k for k in state_dict if k.startswith(prefix)
-          and not k.rsplit(".", 1)[-1] in _BUFFERS]
+          and k.rsplit(".", 1)[-1] not in _BUFFERS]
 
 
 def _step(value, what: str, name: str) -> int:
