@@ -29,13 +29,15 @@ FORBIDDEN = ("vqgan_jax.training", "benchmarks", "tests", "vqgan_jax_testing")
 LAYERS = {
     # 1. Flax modules and pure functions.
     1: ("modules", "vqgan", "quantizers", "gpt", "attention", "gpt_layers",
-        "kv_cache", "discriminator", "lpips", "inception", "losses",
-        "gan_options", "metrics", "digits_judge", "conditioning", "data",
-        "backends", "config_io", "keymaps", "torch_io", "sharding", "digest",
+        "kv_cache", "logit_filters", "guidance", "discriminator", "lpips",
+        "inception", "losses", "gan_options", "metrics", "digits_judge",
+        "conditioning", "data", "backends", "config_io", "keymaps",
+        "torch_io", "torch_tensors", "torch_write", "sharding", "digest",
         "image_io"),
     # 2. Inference: sampling, loading and converting checkpoints, the tools.
-    2: ("sampling", "sliding_window", "checkpoint", "convert", "codes",
-        "sample_lib", "reconstruct", "evaluate", "cli", "console"),
+    2: ("sampling", "speculative", "sliding_window", "checkpoint", "convert",
+        "export", "export_transformer", "codes", "sample_lib", "reconstruct",
+        "evaluate", "cli", "console"),
     # 3. Training.
     3: ("training",),
 }

@@ -14,7 +14,9 @@ variables of this package's model:
 * :mod:`~vqgan_jax.keymaps.lpips`: torchvision's VGG16 with the lpips heads,
   or the perceptual loss stored in a reference VQGAN checkpoint (that one
   both directions);
-* :mod:`~vqgan_jax.keymaps.inception`: pytorch-fid's FID Inception.
+* :mod:`~vqgan_jax.keymaps.inception`: pytorch-fid's FID Inception;
+* :mod:`~vqgan_jax.keymaps.optimizer`: the Adam states a reference VQGAN
+  checkpoint carries, onto the trees of the parameters they belong to.
 
 The maps import no model: the caller passes the target's shapes (the
 model's abstract variables, ``jax.eval_shape`` of its ``init``), or for the
@@ -35,4 +37,5 @@ from vqgan_jax.keymaps import discriminator
 from vqgan_jax.keymaps import gpt
 from vqgan_jax.keymaps import inception
 from vqgan_jax.keymaps import lpips
+from vqgan_jax.keymaps import optimizer
 from vqgan_jax.keymaps import vqgan

@@ -414,7 +414,11 @@ def vqgan_fields() -> Dict[str, Any]:
       image_every=(5000, nonneg_int("0 = never")),
       # A directory written by `python -m vqgan_jax.convert` (or a stage-1
       # workdir) to start from: generator, and discriminator/LPIPS when saved.
-      init_from=("", path()))
+      init_from=("", path()),
+      # The official Lightning .ckpt that init_from was converted from: its
+      # Adam states and global_step continue here
+      # (training/optimizer_import.py).
+      init_from_optimizer=("", path()))
 
 
 def transformer_fields() -> Dict[str, Any]:
@@ -513,6 +517,14 @@ def validate_vqgan(config, num_devices: Optional[int] = None) -> None:
   check_mesh_and_batch(config, _num_devices(num_devices))
   if config.init_from:
     check_init_from(config)
+  opt_from = config.init_from_optimizer
+  if opt_from and not config.init_from:
+    raise ConfigError("config.init_from_optimizer needs config.init_from, the "
+                      "directory `python -m vqgan_jax.convert` wrote from it")
+  if opt_from and not os.path.isfile(os.path.expanduser(opt_from)):
+    raise ConfigError(f"config.init_from_optimizer={opt_from} does not exist; "
+                      "point it to the official .ckpt that config.init_from "
+                      "was converted from")
 
 
 def validate_transformer(config, num_devices: Optional[int] = None) -> None:

@@ -33,6 +33,7 @@ from vqgan_jax.backends import xla_cpu
 from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
+from vqgan_jax.training import optimizer_import
 from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
 from vqgan_jax.training import startup
@@ -134,9 +135,14 @@ def init_state(model, disc, tx_g, tx_d, config, rng) -> PyTree:
 # The loop
 
 
-def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
+def _load_init_from(config, model, state, extras: Dict[str, Any],
+                    optimizers: Optional[optimizer_import.Stage1Optimizers]
+                    = None) -> PyTree:
   """Replaces parameters by those of ``config.init_from`` (checked), and the
-  discriminator by the one saved beside it (``extras``) when it fits."""
+  discriminator by the one saved beside it (``extras``) when it fits. With
+  ``optimizers`` (read from ``config.init_from_optimizer``) both Adam states
+  and the step continue the reference run
+  (:mod:`vqgan_jax.training.optimizer_import`)."""
   path = config.init_from
   info, variables = ckpt_lib.load_variables(path, "vqgan")
   shapes_ok = jax.tree.structure(variables["params"]) == jax.tree.structure(
@@ -162,6 +168,8 @@ def _load_init_from(config, model, state, extras: Dict[str, Any]) -> PyTree:
     else:
       logging.warning("init_from: discriminator architecture differs from "
                       "config.disc; starting the discriminator from scratch")
+  if optimizers is not None:
+    state = optimizer_import.apply_stage1(state, optimizers)
   return state
 
 
@@ -295,6 +303,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
   run = create(config, mesh, extras)
+  optimizers = None  # read and checked before the workdir is touched
+  if config.init_from_optimizer and ckpt_lib.latest_step(
+      os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)) is None:
+    optimizers = optimizer_import.read_stage1(config, run.abstract_state,
+                                              extras)
   step_fn = (run.step_fn if startup.finished(config, workdir) else
              compile_and_report(config, run))  # before the workdir is touched
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -302,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   def fresh_state():
     state = run.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
-      state = _load_init_from(config, run.model, state, extras)
+      state = _load_init_from(config, run.model, state, extras, optimizers)
       state = jax.device_put(state, run.state_shardings)
     if config.disc.use_actnorm and not _disc_initialized(state):
       state = _init_actnorm(run, state, train_ds, config)
