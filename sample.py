@@ -15,7 +15,6 @@ the sliding window. --speculative_window=W verifies W tokens per forward pass
 (speculative Jacobi decoding: the same distribution, fewer passes).
 """
 import os
-import sys
 
 from absl import flags
 

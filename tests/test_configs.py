@@ -1,6 +1,5 @@
 """Every shipped config builds, validates, and its model has the stated shape."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

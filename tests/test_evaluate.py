@@ -1,6 +1,5 @@
 """The evaluation tool: metrics on known cases, the digits judge, the CLI."""
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np

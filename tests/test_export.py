@@ -12,7 +12,6 @@ reference is tested in test_lpips.py through the same key map, that exact
 round trip and the reference's strict load stand for a forward comparison.
 """
 import collections
-import json
 import os
 import types
 

@@ -1,5 +1,4 @@
 """The reconstruct tool: codes and PNGs for a folder, equal to the model's own output."""
-import os
 
 import jax.numpy as jnp
 import numpy as np

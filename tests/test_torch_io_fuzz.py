@@ -46,7 +46,6 @@ import sys
 import zipfile
 
 import numpy as np
-import pytest
 
 from vqgan_jax_testing import torch_pickle as tp
 
