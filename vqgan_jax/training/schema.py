@@ -326,61 +326,6 @@ def check_mesh_and_batch(config, num_devices: int) -> Dict[str, int]:
 
 
 # ----------------------------------------------------------------------------
-# checkpoints named by the config (init_from, vqgan_workdir)
-
-
-def _read_vqgan_info(field: str, path: str) -> Dict[str, Any]:
-  """``model.json`` of a VQGAN directory (a transformer's ``vqgan/`` too)."""
-  from vqgan_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise ConfigError(f"config.{field}={path} does not exist; point it to a "
-                      "stage-1 workdir or a directory written by `python -m "
-                      "vqgan_jax.convert`")
-  try:
-    info = ckpt_lib.read_model_json(path)
-  except (ValueError, FileNotFoundError) as e:
-    raise ConfigError(f"config.{field}={path}: {e}") from None
-  if info.get("kind") != "vqgan" and os.path.isdir(os.path.join(path, "vqgan")):
-    return _read_vqgan_info(field, os.path.join(path, "vqgan"))
-  if info.get("kind") != "vqgan":
-    raise ConfigError(f"config.{field}={path} holds a {info.get('kind')!r} "
-                      "model, not a 'vqgan'; point it to a stage-1 workdir")
-  if not (os.path.isdir(os.path.join(path, "params")) or
-          os.path.isdir(os.path.join(path, ckpt_lib.CHECKPOINTS_DIR))):
-    raise ConfigError(f"config.{field}={path} has a model.json but neither "
-                      "params/ nor checkpoints/; train stage 1 there first")
-  return info
-
-
-def check_init_from(config, have: Optional[Dict[str, Any]] = None,
-                    shapes_ok: bool = True) -> None:
-  """``config.init_from`` holds a VQGAN of the configured architecture.
-
-  Args:
-    config: the stage-1 config.
-    have: the checkpoint's model config (read from its ``model.json`` when
-      not given).
-    shapes_ok: whether the loaded parameters have the shapes of the
-      config's (the trainer checks after loading them).
-  """
-  from vqgan_jax import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
-  if have is None:
-    have = _read_vqgan_info("init_from", config.init_from)["config"]
-  have = dict(have)
-  want = vqgan_lib.model_config(vqgan_lib.from_config(config.model.to_dict()))
-  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-  diff = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs config {want[k]!r}"
-                   for k in VQGAN_ARCH if norm(have.get(k)) != norm(want[k]))
-  if not shapes_ok and not diff:
-    diff = "parameter shapes differ"
-  if diff:
-    raise ConfigError(
-        f"config.init_from={config.init_from} holds a different architecture:"
-        f" {diff}; set config.model to the checkpoint's values")
-
-
-# ----------------------------------------------------------------------------
 # Entry points
 
 
@@ -513,10 +458,11 @@ def validate_vqgan(config, num_devices: Optional[int] = None) -> None:
   Raises:
     ConfigError: the first problem found.
   """
+  from vqgan_jax.training import config_paths  # pylint: disable=g-import-not-at-top
   check_vqgan(config)
   check_mesh_and_batch(config, _num_devices(num_devices))
   if config.init_from:
-    check_init_from(config)
+    config_paths.check_init_from(config)
   opt_from = config.init_from_optimizer
   if opt_from and not config.init_from:
     raise ConfigError("config.init_from_optimizer needs config.init_from, the "
@@ -530,9 +476,11 @@ def validate_vqgan(config, num_devices: Optional[int] = None) -> None:
 def validate_transformer(config, num_devices: Optional[int] = None) -> None:
   """Every stage-2 check that needs no data and no compiled function (see
   :func:`validate_vqgan` for the arguments)."""
+  from vqgan_jax.training import config_paths  # pylint: disable=g-import-not-at-top
   check_transformer(config)
   check_mesh_and_batch(config, _num_devices(num_devices))
-  _read_vqgan_info("vqgan_workdir", config.vqgan_workdir)
+  config_paths.read_vqgan_info("vqgan_workdir", config.vqgan_workdir)
   cc = config.conditioning
   if cc.kind == "codes":
-    _read_vqgan_info("conditioning.cond_vqgan_workdir", cc.cond_vqgan_workdir)
+    config_paths.read_vqgan_info("conditioning.cond_vqgan_workdir",
+                                 cc.cond_vqgan_workdir)

@@ -32,6 +32,7 @@ from vqgan_jax import vqgan as vqgan_lib
 from vqgan_jax.backends import xla_cpu
 from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
+from vqgan_jax.training import config_paths
 from vqgan_jax.training import loop
 from vqgan_jax.training import optimizer_import
 from vqgan_jax.training import runtime
@@ -150,7 +151,7 @@ def _load_init_from(config, model, state, extras: Dict[str, Any],
           np.shape(a) == np.shape(b) for a, b in zip(
               jax.tree.leaves(variables["params"]),
               jax.tree.leaves(state["params"])))
-  schema.check_init_from(config, info["config"], shapes_ok)
+  config_paths.check_init_from(config, info["config"], shapes_ok)
   params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                         variables["params"], state["params"])
   state = dict(state, params=params)
