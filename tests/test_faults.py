@@ -297,10 +297,11 @@ def test_metrics_rows_past_the_restored_step_are_dropped_once(tmp_path):
 
 
 SECOND_SIGINT = r"""
-import asyncio, os, signal, sys
+import asyncio, importlib.util, os, signal, sys
 from orbax.checkpoint._src.path import atomicity
-sys.path.insert(0, "tests")
-import test_faults as tf
+spec = importlib.util.spec_from_file_location("test_faults", "tests/test_faults.py")
+tf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tf)
 wd, marker = sys.argv[1], sys.argv[2]
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
