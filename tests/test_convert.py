@@ -177,7 +177,8 @@ def test_keymaps_import_no_model():
   loaded = set(r.stdout.split())
   assert loaded == {"vqgan_jax", "vqgan_jax.keymaps"} | {
       f"vqgan_jax.keymaps.{m}"
-      for m in ("discriminator", "gpt", "inception", "lpips", "vqgan")}, loaded
+      for m in ("discriminator", "gpt", "inception", "lpips", "optimizer",
+                "vqgan")}, loaded
 
 
 def test_unknown_target_is_named(tiny_ckpt, tmp_path):

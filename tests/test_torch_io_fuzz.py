@@ -502,6 +502,25 @@ def test_mutated_checkpoints_load_exactly_as_torch_or_raise_checkpoint_error(
   assert counts.get(("ok", "ok"), 0) > CASES // 20, counts
 
 
+def test_old_checkpoints_shipped_in_a_package_load_exactly_as_torch():
+  """Files written by old torch (0.4, legacy format, Python 2's memo
+  numbering from 1, ``None`` hooks): the LPIPS package's linear-layer
+  weights, both versions, all three trunks."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from vqgan_jax import torch_io  # pylint: disable=import-outside-toplevel
+  # The package's folder, without importing it (it imports torchvision).
+  spec = importlib.util.find_spec("lpips")
+  root = os.path.join(spec.submodule_search_locations[0], "weights")
+  paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root)
+                 for f in fs if f.endswith(".pth"))
+  assert len(paths) == 6, paths
+  for path in paths:
+    ours = torch_io.load_torch_file(path)
+    theirs = torch.load(path, map_location="cpu", weights_only=True)
+    assert _torch_equal(torch, ours, theirs) is None, path
+
+
 if __name__ == "__main__":
   child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
         sys.argv[5])

@@ -62,8 +62,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
 
 
 def _check_flags(requires_grad, backward_hooks, metadata):
-  # Ignored, but of the types torch writes (torch checks them too).
-  if not (isinstance(requires_grad, bool) and isinstance(backward_hooks, dict)
+  # Ignored, but of the types torch writes (torch checks them too); torch
+  # 0.4 wrote None for the hooks (LPIPS's v0.1 weights are such files).
+  if not (isinstance(requires_grad, bool)
+          and (backward_hooks is None or isinstance(backward_hooks, dict))
           and (metadata is None or isinstance(metadata, dict))):
     raise CheckpointError("a tensor record's requires_grad, hooks or "
                           "metadata are not a bool and dicts")
@@ -100,13 +102,15 @@ def _numpy_multiarray():
 
 
 def _check_memo(f):
-  """Refuses memo indices beyond the number of objects stored so far (the
-  pickler numbers them in order): unpickling grows its memo table to the
-  largest index, so one damaged index could ask for tens of GB."""
+  """Refuses memo indices beyond the number of objects stored so far:
+  unpickling grows its memo table to the largest index, so one damaged index
+  could ask for tens of GB. Picklers number memo entries in order, from 0
+  (Python 3) or from 1 (Python 2's cPickle, which wrote older checkpoints
+  such as LPIPS's ``v0.1`` weights), so index ``stored + 1`` is allowed."""
   start, stored = f.tell(), 0
   for op, arg, _ in pickletools.genops(f):
     if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-      if op.name != "MEMOIZE" and arg > stored:
+      if op.name != "MEMOIZE" and arg > stored + 1:
         raise CheckpointError(f"pickle memo index {arg} after {stored} "
                               "stored objects")
       stored += 1

@@ -5,7 +5,7 @@ Decoding (default): tokens accepted per forward pass and wall time of
 in one process, calls alternating, medians of --repeats timed calls after a
 compiling one:
 
-  python -m benchmarks.speculative [--workdir=runs/digits_transformer] \
+  python -m benchmarks.probes.speculative [--workdir=runs/digits_transformer] \
       [--windows=2,4,8] [--batch=8] [--repeats=5] [--top_k=K] [--large]
 
 --workdir samples a trained transformer (its class / SOS prefix); without it
@@ -20,7 +20,7 @@ model with each schedule at the same scale (equal compute: every schedule
 runs the conditional and unconditional rows at every token) and scores the
 samples with the digits judge:
 
-  python -m benchmarks.speculative --workdir=runs/digits_transformer \
+  python -m benchmarks.probes.speculative --workdir=runs/digits_transformer \
       --schedules --guidance_scale=3 --num_samples=20 --outdir=/tmp/sched
 """
 from __future__ import annotations
@@ -30,22 +30,31 @@ import os
 import statistics
 import time
 
-from absl import app
 from absl import flags
 
-flags.DEFINE_string("workdir", None, "Trained transformer directory.")
-flags.DEFINE_list("windows", ["2", "4", "8"], "Speculative windows.")
-flags.DEFINE_integer("batch", 8, "Samples per call.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per sampler.")
-flags.DEFINE_integer("top_k", None, "Top-k filter.")
-flags.DEFINE_float("temperature", 1.0, "Temperature.")
-flags.DEFINE_bool("large", False, "Also time a random 12x512 GPT (256 tokens).")
-flags.DEFINE_bool("schedules", False, "Judge guidance schedules instead.")
-flags.DEFINE_float("guidance_scale", 3.0, "Guidance scale (--schedules).")
-flags.DEFINE_integer("num_samples", 20, "Samples per class (--schedules).")
-flags.DEFINE_string("outdir", "/tmp/guidance_schedules", "Samples (--schedules).")
-flags.DEFINE_string("json", None, "Also write the results here.")
-FLAGS = flags.FLAGS
+from vqgan_jax import cli
+
+
+def _define(fv):
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Trained transformer directory.", **d)
+  flags.DEFINE_list("windows", ["2", "4", "8"], "Speculative windows.", **d)
+  flags.DEFINE_integer("batch", 8, "Samples per call.", lower_bound=1, **d)
+  flags.DEFINE_integer("repeats", 5, "Timed calls per sampler.",
+                       lower_bound=1, **d)
+  flags.DEFINE_integer("top_k", None, "Top-k filter.", lower_bound=1, **d)
+  flags.DEFINE_float("temperature", 1.0, "Temperature.", **d)
+  flags.DEFINE_bool("large", False, "Also time a random 12x512 GPT "
+                    "(256 tokens).", **d)
+  flags.DEFINE_bool("schedules", False, "Judge guidance schedules instead.",
+                    **d)
+  flags.DEFINE_float("guidance_scale", 3.0, "Guidance scale (--schedules).",
+                     **d)
+  flags.DEFINE_integer("num_samples", 20, "Samples per class (--schedules).",
+                       lower_bound=1, **d)
+  flags.DEFINE_string("outdir", "/tmp/guidance_schedules",
+                      "Samples (--schedules).", **d)
+  flags.DEFINE_string("json", None, "Also write the results here.", **d)
 
 # (name, schedule, power, interval) compared by --schedules.
 SCHEDULES = (("constant", "constant", 2.0, None),
@@ -79,18 +88,20 @@ def _trained(workdir, batch):
   elif c["kind"] == "sos":
     prefix = np.full((batch, 1), c.get("sos_token", 0), np.int32)
   else:
-    raise ValueError("--workdir: timing needs a class or SOS model")
+    cli.fail(f"--workdir={workdir}: timing needs a class-conditional or "
+             "unconditional (SOS) model")
   h, w = info["image_grid"]
   return model, variables, prefix, h * w
 
 
-def time_decoding(name, model, variables, prefix, num_tokens, windows):
+def time_decoding(args, name, model, variables, prefix, num_tokens,
+                  windows):
   """Rows of (sampler, median s, tokens per pass) for one model."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from vqgan_jax import sampling  # pylint: disable=import-outside-toplevel
   from vqgan_jax import speculative  # pylint: disable=import-outside-toplevel
-  kw = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k)
+  kw = dict(temperature=args.temperature, top_k=args.top_k)
   runs = {0: lambda key: sampling.sample(model, variables, prefix, num_tokens,
                                          key, **kw)}
   passes = {0: num_tokens}
@@ -105,7 +116,7 @@ def time_decoding(name, model, variables, prefix, num_tokens, windows):
   times = {w: [] for w in runs}
   for w, fn in runs.items():  # compile
     jax.block_until_ready(fn(jax.random.key(0)))
-  for r in range(FLAGS.repeats):
+  for r in range(args.repeats):
     for w, fn in runs.items():  # alternating
       t = time.perf_counter()
       jax.block_until_ready(fn(jax.random.key(r + 1)))
@@ -124,53 +135,65 @@ def time_decoding(name, model, variables, prefix, num_tokens, windows):
   return rows
 
 
-def judge_schedules():
+def judge_schedules(args):
   from vqgan_jax import evaluate  # pylint: disable=import-outside-toplevel
   from vqgan_jax import sample_lib  # pylint: disable=import-outside-toplevel
   rows = []
   for name, schedule, power, interval in SCHEDULES:
-    out = os.path.join(FLAGS.outdir, name.replace(" ", "_"))
+    out = os.path.join(args.outdir, name.replace(" ", "_"))
     sample_lib.sample_images(
-        FLAGS.workdir, out, num_samples=FLAGS.num_samples, seed=0,
-        temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-        guidance_scale=FLAGS.guidance_scale, guidance_schedule=schedule,
+        args.workdir, out, num_samples=args.num_samples, seed=0,
+        temperature=args.temperature, top_k=args.top_k,
+        guidance_scale=args.guidance_scale, guidance_schedule=schedule,
         guidance_power=power, guidance_interval=interval, save_npz=True,
         progress=False)
     r = evaluate.evaluate_digits_judge(os.path.join(out, "samples.npz"))
-    rows.append(dict(schedule=name, scale=FLAGS.guidance_scale,
+    rows.append(dict(schedule=name, scale=args.guidance_scale,
                      accuracy=r["accuracy"], num_samples=r["num_samples"]))
-    print(f"{name:16s} scale {FLAGS.guidance_scale}: judge accuracy "
+    print(f"{name:16s} scale {args.guidance_scale}: judge accuracy "
           f"{100 * r['accuracy']:.1f}% of {r['num_samples']}")
   return rows
 
 
-def main(argv):
-  del argv
-  if FLAGS.schedules:
-    if not FLAGS.workdir:
-      raise app.UsageError("--schedules needs --workdir (a trained digits "
-                           "transformer)")
-    rows = judge_schedules()
+def main(argv=None):
+  fv = flags.FlagValues()
+  _define(fv)
+  cli.parse(fv, argv, __doc__, prog="python -m benchmarks.probes.speculative")
+  args = fv
+  try:
+    windows = sorted({int(w) for w in args.windows})
+  except ValueError:
+    cli.fail(f"--windows={','.join(args.windows)}: give whole numbers, "
+             "e.g. --windows=2,4,8")
+  if not windows or windows[0] < 1:
+    cli.fail("--windows: each speculative window is at least 1")
+  if args.workdir and not os.path.isdir(args.workdir):
+    cli.fail(f"--workdir={args.workdir}: no such directory (a trained "
+             "transformer's workdir, e.g. runs/digits_transformer)")
+  if args.schedules:
+    if not args.workdir:
+      cli.fail("--schedules needs --workdir (a trained digits "
+               "transformer)")
+    rows = judge_schedules(args)
   else:
     import numpy as np  # pylint: disable=import-outside-toplevel
-    windows = [int(w) for w in FLAGS.windows]
-    if FLAGS.workdir:
-      model, variables, prefix, n = _trained(FLAGS.workdir, FLAGS.batch)
+    if args.workdir:
+      model, variables, prefix, n = _trained(args.workdir, args.batch)
       name = "digits (trained)"
     else:
       model, variables = _random_gpt(75, 64, 4, 4, 128)
-      prefix, n, name = (np.arange(FLAGS.batch) % 10).astype(
+      prefix, n, name = (np.arange(args.batch) % 10).astype(
           np.int32)[:, None] + 64, 64, "digits config (random)"
-    rows = time_decoding(name, model, variables, prefix, n, windows)
-    if FLAGS.large:
+    rows = time_decoding(args, name, model, variables, prefix, n, windows)
+    if args.large:
       model, variables = _random_gpt(1024, 256, 12, 8, 512)
-      prefix = np.zeros((FLAGS.batch, 1), np.int32)
-      rows += time_decoding("12x512 GPT (random)", model, variables, prefix,
+      prefix = np.zeros((args.batch, 1), np.int32)
+      rows += time_decoding(args, "12x512 GPT (random)", model, variables, prefix,
                             256, windows)
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
