@@ -111,6 +111,24 @@ def test_init_from_of_another_architecture_is_refused_from_model_json(tmp_path):
     schema.validate_vqgan(c, num_devices=1)
 
 
+def test_init_from_starts_the_weight_average_at_the_loaded_weights(
+    monkeypatch):
+  """With ``optim.ema_decay`` the averaged weights restart from the loaded
+  ones, not from the random initialisation they replaced."""
+  from vqgan_jax.training import vqgan_trainer as vt  # pylint: disable=import-outside-toplevel
+  c = tu.load_config("digits_vqgan", "test")
+  c.optim.ema_decay = 0.999
+  loaded = {"w": np.ones((3,), np.float32)}
+  monkeypatch.setattr(vt.ckpt_lib, "load_variables",
+                      lambda path, kind: ({"config": {}}, {"params": loaded}))
+  monkeypatch.setattr(vt.config_paths, "check_init_from", lambda *a: None)
+  random_init = {"w": np.zeros((3,), np.float32)}
+  state = vt._load_init_from(
+      c, None, {"params": random_init, "ema_params": random_init}, {})
+  np.testing.assert_array_equal(state["params"]["w"], loaded["w"])
+  np.testing.assert_array_equal(state["ema_params"]["w"], loaded["w"])
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("conditioning.kind", "text", r"config\.conditioning\.kind='text'; valid: \('sos'"),
     ("permuter", "hilbert", r"config\.permuter='hilbert'; valid"),

@@ -155,6 +155,8 @@ def _load_init_from(config, model, state, extras: Dict[str, Any],
   params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype),
                         variables["params"], state["params"])
   state = dict(state, params=params)
+  if "ema_params" in state:  # the weight average starts at the loaded weights
+    state["ema_params"] = params
   if "quantizer_stats" in state:  # EMA statistics follow the loaded codes
     state["quantizer_stats"] = quantizers.ema_stats_from_params(
         params, state["quantizer_stats"],
