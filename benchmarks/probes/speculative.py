@@ -57,7 +57,8 @@ def _define(fv):
   flags.DEFINE_string("json", None, "Also write the results here.", **d)
 
 # (name, schedule, power, interval) compared by --schedules.
-SCHEDULES = (("constant", "constant", 2.0, None),
+SCHEDULES = (("no guidance", "constant", 2.0, None),
+             ("constant", "constant", 2.0, None),
              ("linear", "linear", 2.0, None),
              ("power2", "power", 2.0, None),
              ("cosine", "cosine", 2.0, None),
@@ -140,17 +141,20 @@ def judge_schedules(args):
   from vqgan_jax import sample_lib  # pylint: disable=import-outside-toplevel
   rows = []
   for name, schedule, power, interval in SCHEDULES:
+    # The first row samples without guidance (scale 1: the conditional
+    # logits alone), the baseline the schedules are judged against.
+    scale = 1.0 if name == "no guidance" else args.guidance_scale
     out = os.path.join(args.outdir, name.replace(" ", "_"))
     sample_lib.sample_images(
         args.workdir, out, num_samples=args.num_samples, seed=0,
         temperature=args.temperature, top_k=args.top_k,
-        guidance_scale=args.guidance_scale, guidance_schedule=schedule,
+        guidance_scale=scale, guidance_schedule=schedule,
         guidance_power=power, guidance_interval=interval, save_npz=True,
         progress=False)
     r = evaluate.evaluate_digits_judge(os.path.join(out, "samples.npz"))
-    rows.append(dict(schedule=name, scale=args.guidance_scale,
+    rows.append(dict(schedule=name, scale=scale,
                      accuracy=r["accuracy"], num_samples=r["num_samples"]))
-    print(f"{name:16s} scale {args.guidance_scale}: judge accuracy "
+    print(f"{name:16s} scale {scale}: judge accuracy "
           f"{100 * r['accuracy']:.1f}% of {r['num_samples']}")
   return rows
 
