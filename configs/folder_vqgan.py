@@ -11,6 +11,17 @@ r"""A VQGAN on your own folder of images (found recursively).
   python train_vqgan.py --config=configs/folder_vqgan.py:/data/my_images,cpu \
       --workdir=runs/my_vqgan
 
+  photos  a small f4 VQGAN at 32x32 (1.0M parameters, 256 codes of 32
+        channels updated by EMA with dead-code restart: 0.5 bits per pixel),
+        L1 + codebook loss, no GAN, batch 16, 1500 steps, for the crops
+        `python -m benchmarks.photos prepare` cuts (docs/photos.md;
+        scripts/run_photos.sh runs it all):
+
+  python -m benchmarks.photos prepare --out=runs/photos_data
+  python train_vqgan.py \
+      --config=configs/folder_vqgan.py:runs/photos_data/train,photos \
+      --workdir=runs/photos_vqgan
+
   (none) the reference's f16/1024 ImageNet model at 256x256, batch 8, for a
         GPU or TPU (it does not fit a CPU: about 150 s per step); the
         perceptual term needs the LPIPS weights (or turn it off):
