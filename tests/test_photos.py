@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import photo_baselines as bl
-from benchmarks import photo_report
-from benchmarks import photos as photos_cli
+from benchmarks.photos import baselines as bl
+from benchmarks.photos import report as photo_report
+from benchmarks.photos import cli as photos_cli
 from vqgan_jax.data import photos
 from vqgan_jax_testing import train_utils as tu
 

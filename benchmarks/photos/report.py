@@ -3,7 +3,7 @@
 `report(data, vqgan_dir)` reads the crops `vqgan_jax.data.photos.prepare`
 wrote, reconstructs the held-out tiles with the VQGAN, with shrink-and-enlarge
 at no more bits and with k-means VQ at the same bits
-(`benchmarks.photo_baselines`), and scores all of them with the same PSNR and
+(`benchmarks.photos.baselines`), and scores all of them with the same PSNR and
 SSIM (`vqgan_jax.metrics`, on [0, 1] images, reconstructions clipped as when
 saved), plus the model's codebook usage on the held-out tiles.
 """
@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 from PIL import Image
 
-from benchmarks import photo_baselines as bl
+from benchmarks.photos import baselines as bl
 
 
 def read_crops(folder: str, limit: Optional[int] = None, seed: int = 0

@@ -8,7 +8,7 @@ r"""Real photographs, offline: crops for training, held-out tiles, baselines.
 (`vqgan_jax.data.photos`): whole photos named by ``--heldout`` are kept out of
 training. ``report`` scores the VQGAN on the held-out tiles (PSNR, SSIM,
 codebook usage) next to two classical codecs at the model's bit budget
-(`benchmarks.photo_baselines`): shrink-and-enlarge with no more bits, and
+(`benchmarks.photos.baselines`): shrink-and-enlarge with no more bits, and
 k-means VQ over f x f x 3 pixel blocks with as many codes as the codebook,
 fitted on the training crops. It writes a grid of held-out originals (top
 row) above their reconstructions. ``scripts/run_photos.sh`` runs it all;
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import flags
 
@@ -81,7 +80,7 @@ def _report(fv) -> int:
                      ("vqgan", fv.vqgan)):
     if not os.path.isdir(path):
       cli.fail(f"--{flag}: {path} is not a folder")
-  from benchmarks import photo_report  # pylint: disable=g-import-not-at-top
+  from benchmarks.photos import report as photo_report  # pylint: disable=g-import-not-at-top
   try:
     result = photo_report.report(fv.data, fv.vqgan, kmeans_blocks=fv.kmeans_blocks,
                                  seed=fv.seed, grid=fv.grid)
@@ -106,6 +105,3 @@ def main(argv=None) -> int:
     cli.fail(f"give one mode: {' | '.join(MODES)}")
   return _prepare(fv) if rest[0] == "prepare" else _report(fv)
 
-
-if __name__ == "__main__":
-  sys.exit(main())
