@@ -11,6 +11,17 @@ r"""A VQGAN on your own folder of images (found recursively).
   python train_vqgan.py --config=configs/folder_vqgan.py:/data/my_images,cpu \
       --workdir=runs/my_vqgan
 
+  photos  a small f4 VQGAN at 32x32 (1.0M parameters, 256 codes of 32
+        channels updated by EMA with dead-code restart: 0.5 bits per pixel),
+        L1 + codebook loss, no GAN, batch 16, 1500 steps, for the crops
+        `python -m benchmarks.photos prepare` cuts (docs/photos.md;
+        scripts/run_photos.sh runs it all):
+
+  python -m benchmarks.photos prepare --out=runs/photos_data
+  python train_vqgan.py \
+      --config=configs/folder_vqgan.py:runs/photos_data/train,photos \
+      --workdir=runs/photos_vqgan
+
   (none) the reference's f16/1024 ImageNet model at 256x256, batch 8, for a
         GPU or TPU (it does not fit a CPU: about 150 s per step); the
         perceptual term needs the LPIPS weights (or turn it off):
@@ -31,7 +42,7 @@ import os
 
 from vqgan_jax.training import schema
 
-PRESETS = ("cpu",)
+PRESETS = ("cpu", "photos")
 
 
 def _split(arg: str):
@@ -77,4 +88,23 @@ def get_config(arg: str = ""):
     c.eval_batches = 0  # the whole folder
     c.image_every = 50
     c.checkpoint_every = 500
+  if preset == "photos":
+    # 32x32 crops cut by `python -m benchmarks.photos prepare`: f4 (an 8x8
+    # grid) and 256 codes, 0.5 bits per pixel; L1 + codebook loss only (no
+    # GAN within the run), EMA codebook with dead-code restart.
+    c.model.update(dict(
+        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+        resolution=32, z_channels=32, n_embed=256, embed_dim=32))
+    c.model.quantizer_options.vq.update(dict(
+        legacy_loss=False, codebook_update="ema", dead_code_threshold=1.0))
+    c.loss.update(dict(disc_start=10**9, perceptual_weight=0.0))
+    c.disc.update(dict(n_layers=1, ndf=8))  # unused before disc_start
+    c.optim.update(dict(lr_scaling="none", learning_rate=1e-3))
+    c.batch_size = 16
+    c.num_train_steps = 1500
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_batches = 2
+    c.image_every = 500
+    c.checkpoint_every = 250
   return c
