@@ -58,6 +58,17 @@ def _split(arg: str):
   return path, preset
 
 
+def _small_f4_model(c, resolution, code_dim, n_embed):
+  """The CPU-sized f4 VQGAN the small presets share: ch 32, one res-block
+  per level, no attention, an EMA codebook with dead-code restart."""
+  c.model.update(dict(
+      ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+      resolution=resolution, z_channels=code_dim, n_embed=n_embed,
+      embed_dim=code_dim))
+  c.model.quantizer_options.vq.update(dict(
+      legacy_loss=False, codebook_update="ema", dead_code_threshold=1.0))
+
+
 def get_config(arg: str = ""):
   path, preset = _split(arg)
   if not path:
@@ -73,11 +84,7 @@ def get_config(arg: str = ""):
   c.image_every = 1000
   c.checkpoint_every = 2000
   if preset == "cpu":
-    c.model.update(dict(
-        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-        resolution=64, z_channels=64, n_embed=512, embed_dim=64))
-    c.model.quantizer_options.vq.update(dict(
-        legacy_loss=False, codebook_update="ema", dead_code_threshold=1.0))
+    _small_f4_model(c, resolution=64, code_dim=64, n_embed=512)
     c.loss.update(dict(disc_start=1001, disc_weight=0.1,
                        perceptual_weight=0.0))
     c.disc.update(dict(n_layers=2, ndf=32))
@@ -92,11 +99,7 @@ def get_config(arg: str = ""):
     # 32x32 crops cut by `python -m benchmarks.photos prepare`: f4 (an 8x8
     # grid) and 256 codes, 0.5 bits per pixel; L1 + codebook loss only (no
     # GAN within the run), EMA codebook with dead-code restart.
-    c.model.update(dict(
-        ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-        resolution=32, z_channels=32, n_embed=256, embed_dim=32))
-    c.model.quantizer_options.vq.update(dict(
-        legacy_loss=False, codebook_update="ema", dead_code_threshold=1.0))
+    _small_f4_model(c, resolution=32, code_dim=32, n_embed=256)
     c.loss.update(dict(disc_start=10**9, perceptual_weight=0.0))
     c.disc.update(dict(n_layers=1, ndf=8))  # unused before disc_start
     c.optim.update(dict(lr_scaling="none", learning_rate=1e-3))
