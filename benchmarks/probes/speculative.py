@@ -16,9 +16,9 @@ distributions are nearly uniform, so drafts are accepted easily); only their
 cost per forward pass is meaningful.
 
 Guidance schedules (--schedules): samples a trained class-conditional digits
-model with each schedule at the same scale (equal compute: every schedule
-runs the conditional and unconditional rows at every token) and scores the
-samples with the digits judge:
+model without guidance (the baseline row) and with each schedule at the same
+scale (equal compute: every schedule runs the conditional and unconditional
+rows at every token), and scores the samples with the digits judge:
 
   python -m benchmarks.probes.speculative --workdir=runs/digits_transformer \
       --schedules --guidance_scale=3 --num_samples=20 --outdir=/tmp/sched
