@@ -1,10 +1,34 @@
-"""Test setup: keep logs quiet and run JAX on the CPU unless told otherwise.
+"""Test setup: keep logs quiet, run JAX on the CPU unless told otherwise, and
+share one persistent compilation cache across the run.
+
+Many tests start the training scripts several times with the same tiny
+config (kill and resume, SIGTERM, two hosts, bad resumes); with the cache the
+later processes load the initialiser and the step instead of compiling them
+again. The cache is keyed by the program and the compiler flags, so it does
+not change any result. All pytest-xdist workers of one run share the
+directory; set ``JAX_COMPILATION_CACHE_DIR`` to
+use another, or to ``""`` to compile everything afresh.
 
 The helpers shared with the benchmarks (the reference oracle, reference
 checkpoints, trainer-test utilities) live in the `vqgan_jax_testing`
 package at the repository root.
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Set by the first process that loads this file (the pytest-xdist controller,
+# or plain pytest); the workers and every subprocess inherit the variable.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="vqgan-jax-tests-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session):
+  del session
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
