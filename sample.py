@@ -13,6 +13,9 @@ class for class-conditional models) and one PNG per sample, named
 per class. --grid samples a token grid larger than the training grid with
 the sliding window. --speculative_window=W verifies W tokens per forward pass
 (speculative Jacobi decoding: the same distribution, fewer passes).
+Temperature, top-k, top-p and the guidance scale default to the values the
+model was trained with in its config's `sampling` section (model.json);
+`--guidance_scale=1` samples without guidance.
 """
 import os
 
@@ -31,10 +34,15 @@ flags.DEFINE_integer("num_samples", 8, "Samples per class (or in total).")
 flags.DEFINE_string("outdir", None, "Output folder (default WORKDIR/samples).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("batch_size", 32, "Samples per jitted batch.")
-flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
-flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
-flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
+# Left out, these four come from the model's config.sampling (model.json).
+flags.DEFINE_float("temperature", None, "Softmax temperature (default: the "
+                   "model's config.sampling, else 1).")
+flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0: off; "
+                     "default: the model's config.sampling).")
+flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: off; default: "
+                   "the model's config.sampling).")
+flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale "
+                   "(1: off; default: the model's config.sampling).")
 flags.DEFINE_enum("guidance_schedule", "constant",
                   ["constant", "linear", "power", "cosine"],
                   "Guidance scale over the tokens: constant, or a ramp from 1 "
@@ -93,12 +101,23 @@ def main(argv):
                          "expected W >= 1, or 0 for one token per step")
   outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "samples")
   try:
+    settings, from_model = sample_lib.resolve_sampling(
+        sample_lib.sampling_defaults(FLAGS.workdir),
+        sliding_window=bool(FLAGS.grid), temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+        guidance_scale=FLAGS.guidance_scale)
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(e)
+  if from_model:
+    print("sampling with the model's config.sampling: " + ", ".join(
+        f"{n}={settings[n]:g}" for n in from_model) +
+          f" (a flag overrides it, e.g. --{from_model[0]}=...)")
+  try:
     s = sample_lib.sample_images(
         FLAGS.workdir, outdir,
         classes=classes,
         num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p, guidance_scale=FLAGS.guidance_scale,
+        seed=FLAGS.seed, **settings,
         guidance_schedule=FLAGS.guidance_schedule,
         guidance_power=FLAGS.guidance_power, guidance_interval=interval,
         speculative_window=FLAGS.speculative_window, grid=grid,

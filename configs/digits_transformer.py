@@ -17,8 +17,11 @@ def get_config(arg: str = ""):
   c.conditioning.kind = "class"
   c.conditioning.num_classes = 10
   # 10% of training examples see the null class, so the model also samples
-  # with classifier-free guidance (`sample.py --guidance_scale`).
+  # with classifier-free guidance; `sample.py` guides at scale 3 unless told
+  # otherwise (--guidance_scale=1: unguided). docs/features.md compares the
+  # scales and schedules.
   c.conditioning.label_dropout = 0.1
+  c.sampling.guidance_scale = 3.0
   c.gpt.update(dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.1,
                     resid_pdrop=0.1, attn_pdrop=0.1))
   c.optim.update(dict(lr_scaling="none", learning_rate=1e-3, schedule="cosine",

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # The embedded default, end to end: VQGAN on scikit-learn's digits, a
 # class-conditional transformer on its codes, and a 10x10 sample grid
-# (one row per digit). Runs offline; 11-15 minutes on 2 CPU cores.
+# (one row per digit). Runs offline; 15-20 minutes on 2 CPU cores.
 # Re-running resumes each stage from its checkpoints.
+#
+#   RUNS=dir      where the three workdirs go (default: runs)
+#   SEED=n        seeds both stages and the sampler (default: 0)
+#   CONFIG=:test  the seconds-long variant of both configs (for tests)
+# Further arguments go to train_vqgan.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
+SEED=${SEED:-0}
+CONFIG=${CONFIG:-}
 export TF_CPP_MIN_LOG_LEVEL=3
-python train_vqgan.py --config=configs/digits_vqgan.py --workdir="$RUNS/digits_vqgan" "$@"
+python train_vqgan.py --config="configs/digits_vqgan.py$CONFIG" \
+  --workdir="$RUNS/digits_vqgan" --config.seed="$SEED" "$@"
 # --host_malloc=keep: the GPT step's ~370 MB of temporaries are otherwise
 # faulted in afresh on every step (BENCHMARKS.md, "The allocator").
-python train_transformer.py --config=configs/digits_transformer.py \
+python train_transformer.py --config="configs/digits_transformer.py$CONFIG" \
   --workdir="$RUNS/digits_transformer" --config.vqgan_workdir="$RUNS/digits_vqgan" \
-  --host_malloc=keep
+  --config.seed="$SEED" --host_malloc=keep
+# The model's own sampling settings (config.sampling: guidance scale 3).
 python sample.py --workdir="$RUNS/digits_transformer" --num_samples=10 \
-  --outdir="$RUNS/digits_samples" --seed=0
+  --outdir="$RUNS/digits_samples" --seed="$SEED"
 # An independent classifier, trained on the real digits, reads the samples.
 python -m vqgan_jax.evaluate digits-judge --samples="$RUNS/digits_samples" \
   --output="$RUNS/digits_samples/judge.json" > /dev/null
@@ -33,8 +42,11 @@ print(f"Transformer: validation loss {tr.get('eval_loss', float('nan')):.3f} nat
       f"(code entropy {ent:.3f})   ({runs}/digits_transformer)")
 print(f"Samples:     {runs}/digits_samples/grid.png (one row per digit 0-9)")
 judge = json.load(open(f"{runs}/digits_samples/judge.json"))
+scale = json.load(open(f"{runs}/digits_transformer/model.json")).get(
+    "sampling", {}).get("guidance_scale", 1.0)
+how = f"guidance scale {scale:g}" if scale != 1 else "no guidance"
 print(f"Judge:       the intended digit in {100 * judge['accuracy']:.1f}% of "
-      f"{judge['num_samples']} samples (classifier: "
+      f"{judge['num_samples']} samples ({how}; classifier: "
       f"{100 * judge['judge_val_accuracy']:.1f}% on real held-out digits)   "
       f"({runs}/digits_samples/judge.json)")
 per = ", ".join(f"{c}: {100 * a:.0f}%" for c, a in judge["per_class_accuracy"].items())

@@ -150,6 +150,7 @@ def test_tool_input_mistakes_exit_2(tmp_path, capsys):
     ("benchmarks.probes.scaling", ["--stage1_images_per_s", "--stage2_mfu"]),
     ("benchmarks.probes.speculative", ["--windows", "--schedules"]),
     ("benchmarks.ablations.digits_quantizers", ["--workdir", "--options"]),
+    ("benchmarks.ablations.digits_seeds", ["--workdir", "--seeds"]),
     ("benchmarks.ablations.digits_transformer_options",
      ["--vqgan_workdir", "--guidance_scales", "skip_judge"]),
 ])

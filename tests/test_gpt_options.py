@@ -360,6 +360,40 @@ def test_guidance_without_a_null_class_is_refused(tmp_path):
                              progress=False)
 
 
+def test_sample_py_takes_the_settings_it_is_not_given_from_the_model(tmp_path):
+  """`sample.py` resolves its flags through `resolve_sampling` and the
+  `sampling` section of model.json (the trainer writes config.sampling)."""
+  _write_pipeline(tmp_path, null_token=3)
+  path = tmp_path / "tr" / "model.json"
+  assert sample_lib.sampling_defaults(str(tmp_path / "tr")) == sample_lib.SAMPLING_DEFAULTS
+  assert sample_lib.resolve_sampling(sample_lib.SAMPLING_DEFAULTS) == (
+      dict(temperature=1.0, top_k=None, top_p=None, guidance_scale=None), [])
+  info = json.loads(path.read_text())
+  info["sampling"] = dict(temperature=0.9, top_k=5, top_p=1.0, guidance_scale=3.0)
+  path.write_text(json.dumps(info))
+  d = sample_lib.sampling_defaults(str(tmp_path / "tr"))
+  assert sample_lib.resolve_sampling(d) == (
+      dict(temperature=0.9, top_k=5, top_p=None, guidance_scale=3.0),
+      ["temperature", "top_k", "guidance_scale"])
+  # Given flags win; 0 / 1 / 1 switch top-k, top-p and guidance off.
+  kw, names = sample_lib.resolve_sampling(d, guidance_scale=1.0, top_k=0, top_p=0.8)
+  assert kw == dict(temperature=0.9, top_k=None, top_p=0.8, guidance_scale=None)
+  assert names == ["temperature"]
+  # The sliding window drops the model's guidance, not a scale asked for.
+  kw, names = sample_lib.resolve_sampling(d, sliding_window=True)
+  assert kw["guidance_scale"] is None and "guidance_scale" not in names
+  kw, _ = sample_lib.resolve_sampling(d, sliding_window=True, guidance_scale=2.0)
+  assert kw["guidance_scale"] == 2.0
+  # The resolved settings sample what the same explicit arguments sample.
+  a = sample_lib.sample_images(str(tmp_path / "tr"), str(tmp_path / "a"), num_samples=1,
+                               batch_size=3, seed=1, progress=False,
+                               **sample_lib.resolve_sampling(d)[0])
+  b = sample_lib.sample_images(str(tmp_path / "tr"), str(tmp_path / "b"), num_samples=1,
+                               batch_size=3, seed=1, progress=False, temperature=0.9,
+                               top_k=5, guidance_scale=3.0)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
 @pytest.mark.slow
 def test_digits_options_benchmark_runs_tiny(tmp_path):
   """The comparison script trains both blocks with label dropout, samples

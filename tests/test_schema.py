@@ -230,6 +230,17 @@ def test_reported_bad_values_are_refused(field, value, message):
     schema.check_vqgan(c)
 
 
+def test_guidance_by_default_needs_label_dropout():
+  c = _valid("transformer")
+  c.sampling.guidance_scale = 3.0
+  c.conditioning.label_dropout = 0.0
+  with pytest.raises(schema.ConfigError, match=re.escape(
+      "config.sampling.guidance_scale=3.0 needs a model trained with label dropout")):
+    schema.check_transformer(c)
+  c.conditioning.label_dropout = 0.1
+  schema.check_transformer(c)
+
+
 def test_the_tuple_override_syntax_is_told_by_the_error():
   c = _valid("vqgan")
   c.model.attn_resolutions = ("",)  # what `--config.model.attn_resolutions=` gives

@@ -9,7 +9,7 @@ order and decoded by the VQGAN.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,45 @@ def load_pipeline(workdir: str):
   vq_dir = _resolve(workdir, info.get("vqgan")) or os.path.join(workdir, "vqgan")
   vq_model, vq_vars = ckpt_lib.load_vqgan(vq_dir)
   return info, model, variables, vq_model, vq_vars
+
+
+# The settings of a model whose model.json has none (converted checkpoints,
+# older workdirs): plain sampling from the model's distribution.
+SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0,
+                         guidance_scale=1.0)
+
+
+def sampling_defaults(workdir: str) -> Dict[str, float]:
+  """The sampling settings a transformer was trained to be sampled with
+  (``config.sampling``, kept in its ``model.json``); `sample.py` uses them
+  for the flags it is not given. ``top_k=0``, ``top_p=1`` and
+  ``guidance_scale=1`` mean off."""
+  info = ckpt_lib.read_model_json(os.path.abspath(workdir), "transformer")
+  saved = info.get("sampling") or {}
+  return {k: type(v)(saved.get(k, v)) for k, v in SAMPLING_DEFAULTS.items()}
+
+
+def resolve_sampling(defaults: Dict[str, float], *,
+                     sliding_window: bool = False, **given
+                     ) -> Tuple[Dict[str, object], List[str]]:
+  """`sample_images` keyword arguments from the settings given (None: not
+  given) and a model's `sampling_defaults`; also the names taken from the
+  model. The sliding window samples without guidance, so a guidance scale
+  from the model is dropped there (one given explicitly is not)."""
+  chosen, from_model = {}, []
+  for name, neutral in SAMPLING_DEFAULTS.items():
+    value = given.get(name)
+    chosen[name] = defaults.get(name, neutral) if value is None else value
+    if value is None and chosen[name] != neutral:
+      from_model.append(name)
+  if sliding_window and "guidance_scale" in from_model:
+    chosen["guidance_scale"] = 1.0
+    from_model.remove("guidance_scale")
+  scale = chosen["guidance_scale"]
+  return dict(temperature=chosen["temperature"],
+              top_k=int(chosen["top_k"]) or None,
+              top_p=None if chosen["top_p"] >= 1.0 else chosen["top_p"],
+              guidance_scale=None if scale == 1.0 else scale), from_model
 
 
 def _prefixes(info, classes, num_samples, cond_codes) -> tuple:

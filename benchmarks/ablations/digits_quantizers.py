@@ -64,6 +64,10 @@ def options(n_embed: int) -> Dict[str, Dict[str, Any]]:
 def make_config(arg: str, option: Dict[str, Any], steps: int, seed: int):
   from vqgan_jax_testing import train_utils  # pylint: disable=g-import-not-at-top
   c = train_utils.load_config("digits_vqgan", arg)
+  # Every option starts from the reference's loss-trained codebook (the
+  # digits config itself keeps its codebook by EMA with restarts).
+  c.model.quantizer_options.vq.update(dict(codebook_update="loss",
+                                           dead_code_threshold=0.0))
   c.model.update(option)
   c.num_train_steps = steps
   c.seed = seed

@@ -270,6 +270,28 @@ def _gpt_fields():
   return g
 
 
+def _sampling_fields():
+  """What `sample.py` uses when its flags leave a setting out; written to
+  the workdir's ``model.json``, so a model carries the settings it was
+  measured with."""
+  return dict(
+      temperature=(1.0, positive()),
+      top_k=(0, nonneg_int("0 = no top-k")),
+      top_p=(1.0, unit_interval("1 = no nucleus filter")),
+      # uncond + scale * (cond - uncond) per token; needs label_dropout > 0
+      guidance_scale=(1.0, nonneg("1 = no guidance")))
+
+
+def check_sampling(config) -> None:
+  """Guidance needs the null class that label dropout trains."""
+  s = config.sampling
+  if s.guidance_scale != 1.0 and not config.conditioning.label_dropout:
+    raise ConfigError(
+        f"config.sampling.guidance_scale={s.guidance_scale} needs a model "
+        "trained with label dropout; set config.conditioning.label_dropout "
+        "(e.g. 0.1) or config.sampling.guidance_scale=1 (no guidance)")
+
+
 def check_conditioning(config) -> None:
   """What precedes the image tokens needs its VQGAN and dataset."""
   cc = config.conditioning
@@ -385,6 +407,7 @@ def transformer_fields() -> Dict[str, Any]:
       sample_every=(5000, nonneg_int("0 = never")),
       samples_per_class=(2, positive_int()),
       sample_top_k=(0, nonneg_int("0 = no top-k in the periodic samples")),
+      sampling=_sampling_fields(),
       peak_tflops_per_device=(0.0, nonneg("0 = from the device kind")))
 
 
@@ -437,6 +460,7 @@ def check_transformer(config) -> None:
   """The stage-2 checks that need only the config (no devices, no files)."""
   check_domains(config, "transformer")
   check_conditioning(config)
+  check_sampling(config)
   _check_gpt(config)
   check_dataset("dataset", config.dataset)
 

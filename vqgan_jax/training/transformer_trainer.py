@@ -414,7 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                           null_token=layout.null_token,
                           cond_len=layout.cond_len,
                           cond_vqgan=cond[2] if cond else None),
-        code_entropy=entropy, train_config=config.to_dict())
+        sampling=config.sampling.to_dict(), code_entropy=entropy,
+        train_config=config.to_dict())
 
   flops = _step_flops(step_fn)
   peak = peak_tflops(config)
