@@ -93,8 +93,11 @@ def _run(cmd: List[str], env: Dict[str, str]) -> None:
 def run_seed(workdir: str, seed: int, config: str) -> Dict[str, float]:
   """The main job with ``SEED=seed``, then unguided samples and their judge."""
   runs = os.path.join(os.path.abspath(workdir), f"seed_{seed}")
+  # The script calls `python`: this interpreter's (as in an activated venv).
   env = dict(os.environ, RUNS=runs, SEED=str(seed), CONFIG=config,
-             TF_CPP_MIN_LOG_LEVEL="3")
+             TF_CPP_MIN_LOG_LEVEL="3",
+             PATH=os.path.dirname(sys.executable) + os.pathsep +
+             os.environ.get("PATH", ""))
   t0 = time.time()
   _run(["bash", os.path.join("scripts", "run_digits.sh")], env)
   unguided = os.path.join(runs, "digits_samples_unguided")
