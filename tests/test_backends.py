@@ -103,10 +103,10 @@ def test_conv_rewrites_change_gradients_only_by_float32_rounding(tiny):
 
 
 def test_start_up_helpers_import_no_jax():
-  """`host_memory` and `compilation_cache` must be usable before JAX starts
-  a backend, so importing them imports no JAX at all."""
+  """`host_memory`, `compilation_cache` and `threefry` must be usable before
+  JAX starts a backend, so importing them imports no JAX at all."""
   code = ("import sys\n"
-          "from vqgan_jax.backends import compilation_cache, host_memory\n"
+          "from vqgan_jax.backends import compilation_cache, host_memory, threefry\n"
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
           "('jax', 'jaxlib', 'numpy')))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,

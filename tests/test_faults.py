@@ -403,15 +403,16 @@ runpy.run_path("train_vqgan.py", run_name="__main__")
 def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_saved_step(tmp_path):
   """Process 1 alone gets SIGTERM (a preemption notice): JAX's preemption
   service tells process 0, both stop at the same step, save it together and
-  exit 0 with the same line; their replicas are identical and metrics.jsonl
-  holds each step once."""
+  exit 0 with the same line; their replicas are identical, metrics.jsonl
+  holds each step once, and each process (two local devices each) read its
+  own part of the data."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = str(s.getsockname()[1])
   wd = tmp_path / "wd"
   opts = TINY + ["--config.num_train_steps=100000", "--config.checkpoint_every=100000"]
   procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, str(wd), port, str(i)] + opts,
-                            cwd=tu.ROOT, env=tu.env(devices=1), stdout=subprocess.PIPE,
+                            cwd=tu.ROOT, env=tu.env(devices=2), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     deadline = time.time() + 400
@@ -438,3 +439,5 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_saved_step(tmp_path)
   digests = [open(wd / f"replica_digest.{i}").read() for i in range(2)]
   assert digests[0] == digests[1]
   assert _steps(wd) == list(range(1, steps[0] + 1))
+  last = [r for r in tu.rows(wd) if "num_examples" in r][-1]
+  assert last["num_local_examples"] < last["num_examples"]

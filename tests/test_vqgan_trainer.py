@@ -87,7 +87,9 @@ def test_step_gradients_equal_the_pure_reference_loss(disc_start, disc_loss):
         disc_fn, codebook_weight=1.0, disc_weight=0.8, disc_start=disc_start)
     return loss, (metrics, upd, rec_fn(params["decoder"]["conv_out"]["kernel"]))
 
-  (loss, (metrics, upd, rec)), grads = jax.value_and_grad(g_loss, has_aux=True)(before["params"])
+  # Jitted: one compilation instead of one per operation.
+  (loss, (metrics, upd, rec)), grads = jax.jit(jax.value_and_grad(g_loss, has_aux=True))(
+      before["params"])
   np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(m["d_weight"], metrics["d_weight"], rtol=1e-4)
   want = jax.tree.map(lambda p, g: p - g, before["params"], grads)
@@ -101,7 +103,8 @@ def test_step_gradients_equal_the_pure_reference_loss(disc_start, disc_loss):
                                            disc_loss=disc_loss)
     return l, stats
 
-  (dl, stats), dgrads = jax.value_and_grad(d_loss, has_aux=True)(before["disc_params"])
+  (dl, stats), dgrads = jax.jit(jax.value_and_grad(d_loss, has_aux=True))(
+      before["disc_params"])
   np.testing.assert_allclose(m["disc_loss"], dl, rtol=1e-5, atol=1e-7)
   want_d = jax.tree.map(lambda p, g: p - g, before["disc_params"], dgrads)
   for a, b in zip(jax.tree.leaves(new["disc_params"]), jax.tree.leaves(want_d)):
@@ -139,8 +142,8 @@ for name, spec, devs in [("one", {"data": 1}, jax.devices()[:1]),
   if name == "mesh":
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
     assert any("fsdp" in s for s in specs), specs
-    adam = vt.create(c, mesh).init_fn(jax.random.PRNGKey(0))["opt_state"]
-    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(adam))
+    adam = vt.create(c, mesh).state_shardings["opt_state"]
+    assert any("fsdp" in str(x.spec) for x in jax.tree.leaves(adam))
   losses = []
   for b in batches:
     b = {"image": jax.device_put(b["image"], run.batch_sharding)}
@@ -212,39 +215,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, err[-2000:]
   steps = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()]
   assert steps and max(steps) >= max(r["step"] for r in tu.rows(wd))
-
-
-TWO_PROC = r"""
-import sys
-sys.argv = ["train_vqgan.py", "--config=configs/digits_vqgan.py:test", "--workdir=" + sys.argv[1],
-            "--coordinator_address=127.0.0.1:" + sys.argv[2], "--num_processes=2",
-            "--process_id=" + sys.argv[3], "--config.eval_every=0", "--config.image_every=0",
-            "--config.num_train_steps=4"]
-import runpy
-runpy.run_path("train_vqgan.py", run_name="__main__")
-"""
-
-
-@pytest.mark.slow
-def test_two_processes_train_together_with_identical_replicas(tmp_path):
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
-  wd = str(tmp_path / "wd")
-  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROC, wd, port, str(i)], cwd=tu.ROOT,
-                            env=tu.env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0, e[-4000:]
-  digests = [open(os.path.join(wd, f"replica_digest.{i}")).read() for i in range(2)]
-  assert digests[0] == digests[1]
-  rows = tu.rows(wd)
-  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
-  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
-  # Each process read its own half of the data.
-  assert rows[-1]["num_local_examples"] < rows[-1]["num_examples"]
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -375,7 +345,9 @@ for spec, devs in [({"data": 1}, jax.devices()[:1]), ({"data": 2, "fsdp": 2}, ja
   for a, b, s in zip(want, jax.tree.leaves(got), jax.tree.leaves(run.state_shardings)):
     np.testing.assert_array_equal(a, np.asarray(b))
     assert b.sharding == s
-  got, _ = run.step_fn(got, {"image": jax.device_put(np.asarray(x), run.batch_sharding)}, run.lpips_vars)
+  if spec.get("fsdp"):  # the resharded state trains (one compile is enough)
+    got, _ = run.step_fn(got, {"image": jax.device_put(np.asarray(x), run.batch_sharding)},
+                         run.lpips_vars)
 print("ok")
 """
 
@@ -390,7 +362,7 @@ def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
   same bits, a fraction of the compile time on GPUs): the flag is on inside
   the call on a GPU backend, restored after (also when the call raises),
   and a refused kernel falls back to the plain initialiser."""
-  from vqgan_jax.training import runtime
+  from vqgan_jax.backends import threefry
   seen = []
 
   def init(rng):
@@ -399,8 +371,8 @@ def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
 
   key = jax.random.PRNGKey(0)
   want = init(key)
-  np.testing.assert_array_equal(runtime.gpu_kernel_threefry(init, "cpu")(key), want)
-  np.testing.assert_array_equal(runtime.gpu_kernel_threefry(init, "gpu")(key), want)
+  np.testing.assert_array_equal(threefry.gpu_kernel_threefry(init, "cpu")(key), want)
+  np.testing.assert_array_equal(threefry.gpu_kernel_threefry(init, "gpu")(key), want)
   assert seen == [False, False, True]
   assert jax.config.jax_threefry_gpu_kernel_lowering is False
 
@@ -412,7 +384,7 @@ def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
       raise jax.errors.JaxRuntimeError("NOT_FOUND: cu_threefry2x32_ffi")
     return init(rng)
 
-  np.testing.assert_array_equal(runtime.gpu_kernel_threefry(refused, "gpu")(key), want)
+  np.testing.assert_array_equal(threefry.gpu_kernel_threefry(refused, "gpu")(key), want)
   assert calls == [True, False]
   assert jax.config.jax_threefry_gpu_kernel_lowering is False
 
@@ -420,15 +392,17 @@ def test_gpu_kernel_threefry_initialiser_sets_the_flag_only_around_the_call():
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
 
   with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
-    runtime.gpu_kernel_threefry(out_of_memory, "gpu")(key)  # not retried
+    threefry.gpu_kernel_threefry(out_of_memory, "gpu")(key)  # not retried
   assert jax.config.jax_threefry_gpu_kernel_lowering is False
-  # A trainer's initialiser gives the same state through the wrapper.
-  c = tiny_config()
-  run = vt.create(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  plain = jax.jit(functools.partial(vt.init_state, run.model, run.disc,
-                                    vt.make_optimizer(c), vt.make_optimizer(c), c))(key)
-  for a, b in zip(jax.tree.leaves(run.init_fn(key)), jax.tree.leaves(plain)):
-    np.testing.assert_array_equal(a, b)
+  # The trainer compiles its initialiser through the wrapper.
+  wrapped = []
+  real = threefry.gpu_kernel_threefry
+  try:
+    threefry.gpu_kernel_threefry = lambda fn, backend=None: wrapped.append(fn) or fn
+    run = vt.create(tiny_config(), sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  finally:
+    threefry.gpu_kernel_threefry = real
+  assert wrapped and run.init_fn is wrapped[0]
 
 
 _FAULTS_SCRIPT = r"""

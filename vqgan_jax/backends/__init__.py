@@ -10,7 +10,10 @@ computes it, and each is opt-in, switched on by the programs that want it:
   * `compilation_cache`: JAX's persistent compilation cache.
   * `device_memory`: the memory XLA plans for one compiled call, and the
     memory a device has (read by the trainers' start-up check).
+  * `threefry`: random initialisers compiled with threefry as one GPU
+    kernel per draw (the same bits; a large model's initialiser otherwise
+    compiles for minutes on a GPU).
 
-`host_memory` and `compilation_cache` import only the standard library
+`host_memory`, `compilation_cache` and `threefry` import only the standard library
 (JAX on demand), so a program can apply them before JAX starts a backend.
 """

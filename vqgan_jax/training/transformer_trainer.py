@@ -30,9 +30,9 @@ from vqgan_jax import image_io
 from vqgan_jax import sampling
 from vqgan_jax import sharding as shard_lib
 from vqgan_jax.sharding import to_host
+from vqgan_jax.backends import threefry
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import loop
-from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
 from vqgan_jax.training import startup
 
@@ -401,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                   sizes=[("GPT", startup.param_count(abstract["params"]))],
                   smaller="--config.gpt.n_embd or --config.gpt.n_layer")
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  init_fn = runtime.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))
+  init_fn = threefry.gpu_kernel_threefry(jax.jit(init, out_shardings=state_sh))
   state, start = loop.restore_or_init(
       ckpt, abstract, state_sh,
       lambda: init_fn(jax.random.PRNGKey(config.seed)))

@@ -29,13 +29,13 @@ from vqgan_jax import image_io
 from vqgan_jax import quantizers
 from vqgan_jax import sharding as shard_lib
 from vqgan_jax import vqgan as vqgan_lib
+from vqgan_jax.backends import threefry
 from vqgan_jax.backends import xla_cpu
 from vqgan_jax.sharding import to_host
 from vqgan_jax.training import checkpoints
 from vqgan_jax.training import config_paths
 from vqgan_jax.training import loop
 from vqgan_jax.training import optimizer_import
-from vqgan_jax.training import runtime
 from vqgan_jax.training import schema
 from vqgan_jax.training import startup
 from vqgan_jax.training.vqgan_step import make_eval_step
@@ -275,7 +275,7 @@ def create(config, mesh, extras: Optional[Dict[str, Any]] = None,
                     in_shardings=(state_sh["params"], batch_sh),
                     out_shardings=batch_sh)
   return Setup(model, disc, mesh, abstract, state_sh, batch_sh,
-               runtime.gpu_kernel_threefry(
+               threefry.gpu_kernel_threefry(
                    jax.jit(init, out_shardings=state_sh)), step_fn, eval_fn,
                lpips_vars)
 
