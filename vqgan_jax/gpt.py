@@ -22,7 +22,8 @@ fields that make another model.
 
 With `scan_layers=True` the per-layer parameters are stacked along a leading
 axis of length `n_layer` under one `blocks` collection
-(`stack_layers` and `unstack_layers` switch between the layouts).
+(`vqgan_jax.keymaps.gpt.stack_layers` and `unstack_layers` switch between
+the layouts).
 
 Decoding with a key/value cache (`vqgan_jax.kv_cache`): calling the model
 with `cache=` and `position=` writes the new keys/values at
@@ -372,37 +373,3 @@ class GPT(nn.Module):
     if cache is None:
       return logits
     return logits, new_cache
-
-
-def stack_layers(params: Any, n_layer: int) -> Any:
-  """`blocks_{i}` params -> one `blocks` subtree stacked on a leading axis.
-
-  Args:
-    params: params of `GPT(scan_layers=False)`.
-    n_layer: number of blocks.
-
-  Returns:
-    params of `GPT(scan_layers=True)`.
-  """
-  params = dict(params)
-  layers = [params.pop(f"blocks_{i}") for i in range(n_layer)]
-  params["blocks"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
-  return params
-
-
-def unstack_layers(params: Any) -> Any:
-  """Inverse of `stack_layers`: one `blocks_{i}` subtree per layer.
-
-  Args:
-    params: params of `GPT(scan_layers=True)`.
-
-  Returns:
-    params of `GPT(scan_layers=False)`.
-  """
-  params = dict(params)
-  stacked = params.pop("blocks")
-  n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-  for i in range(n_layer):
-    params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i],
-                                                   stacked)
-  return params

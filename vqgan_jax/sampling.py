@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from vqgan_jax import gpt as gpt_lib
 from vqgan_jax import guidance
 from vqgan_jax import kv_cache
+from vqgan_jax.keymaps import gpt as gpt_keymap
 # The filters live in `logit_filters`; their names stay importable from here.
 from vqgan_jax.logit_filters import (  # pylint: disable=unused-import
     _ordered_bits, _per_row, filter_logits, sample_logits, top_k_mask,
@@ -159,7 +160,7 @@ def decoding_model(model: gpt_lib.GPT, variables: Any
   """Unrolled-layer, no-remat inference copy of the model and variables."""
   if model.scan_layers:
     variables = dict(variables)
-    variables["params"] = gpt_lib.unstack_layers(variables["params"])
+    variables["params"] = gpt_keymap.unstack_layers(variables["params"])
   return model.clone(scan_layers=False, remat=False), variables
 
 

@@ -14,8 +14,7 @@ checkpoint is a rename plus transposes:
 
 `GPT(scan_layers=True)` keeps the per-layer parameters stacked along a
 leading axis of length `n_layer` under one `blocks` subtree;
-`vqgan_jax.gpt.stack_layers` and `unstack_layers` switch between the two
-layouts (re-exported here).
+`stack_layers` and `unstack_layers` switch between the two layouts.
 """
 from __future__ import annotations
 
@@ -25,8 +24,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from vqgan_jax.gpt import stack_layers, unstack_layers  # pylint: disable=unused-import
 
 Params = Any
 
@@ -174,6 +171,40 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
                 convert(sd[f"blocks.{i}.{suffix}"], transpose))
   if scan_layers:
     params = stack_layers(params, n_layer)
+  return params
+
+
+def stack_layers(params: Params, n_layer: int) -> Params:
+  """`blocks_{i}` params -> one `blocks` subtree stacked on a leading axis.
+
+  Args:
+    params: params of `GPT(scan_layers=False)`.
+    n_layer: number of blocks.
+
+  Returns:
+    params of `GPT(scan_layers=True)`.
+  """
+  params = dict(params)
+  layers = [params.pop(f"blocks_{i}") for i in range(n_layer)]
+  params["blocks"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+  return params
+
+
+def unstack_layers(params: Params) -> Params:
+  """Inverse of `stack_layers`: one `blocks_{i}` subtree per layer.
+
+  Args:
+    params: params of `GPT(scan_layers=True)`.
+
+  Returns:
+    params of `GPT(scan_layers=False)`.
+  """
+  params = dict(params)
+  stacked = params.pop("blocks")
+  n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  for i in range(n_layer):
+    params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i],
+                                                   stacked)
   return params
 
 
