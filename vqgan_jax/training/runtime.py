@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import Optional
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
