@@ -2,6 +2,7 @@
 labelled progress, throughput without compilation, quiet third-party logs."""
 import logging
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,34 @@ def test_progress_bar_has_a_label_the_loss_and_eval_lines(capsys):
   assert ("step 400: eval psnr 31.23 dB, codebook usage 78.1%, "
           "perplexity 30.04, on 180 images") in captured.out
   assert loop.format_eval(5, {"loss": 1.0}) is None  # no eval numbers
+
+
+def test_log_lines_print_above_the_open_bar_not_through_it(capsys):
+  """While a bar is open, the project's log lines (a checkpoint save, a
+  warning) go through the bar's write, whole lines on stderr, and the
+  terminal handlers stay quiet; afterwards they are back."""
+  root = logging.getLogger()
+  terminal = logging.StreamHandler(sys.stderr)
+  terminal.setFormatter(logging.Formatter("HANDLER %(message)s"))
+  level = root.level
+  root.addHandler(terminal)
+  root.setLevel(logging.INFO)
+  try:
+    bar = loop.Progress(True, 0, 10, label="stage 1 VQGAN")
+    bar(2)
+    logging.info("saving checkpoint at step %d to %s", 2, "/runs/x")
+    logging.warning("step %d: the loss is not finite", 3)
+    bar.close()
+    logging.info("after the bar")
+  finally:
+    root.removeHandler(terminal)
+    root.setLevel(level)
+  err = capsys.readouterr().err
+  assert "\nsaving checkpoint at step 2 to /runs/x\n" in err.replace("\r", "\n")
+  assert "WARNING: step 3: the loss is not finite" in err
+  assert "HANDLER saving" not in err and "HANDLER step 3" not in err
+  assert "HANDLER after the bar" in err  # the handler is back
+  assert not any(isinstance(h, console.LogsAboveBar) for h in root.handlers)
 
 
 def test_step_clock_leaves_out_the_first_step_and_reports_once(monkeypatch):

@@ -5,6 +5,9 @@
   for a TPU backend (``Unable to initialize backend 'tpu'``), unless the
   tool runs with ``--verbose``. `vqgan_jax.cli` calls it for every entry
   point once the flags are parsed; the project's own log lines are kept.
+* :class:`LogsAboveBar` prints log records as plain lines above a tqdm
+  bar while the bar is open, instead of through the console handlers
+  (absl's among them) that would cut the bar's line in two.
 * :class:`CompileClock` measures the seconds JAX spends tracing, lowering
   and compiling while it is open, so that a throughput line can leave
   compilation out (:class:`Stopwatch`).
@@ -14,8 +17,9 @@ Importing this module does not import JAX.
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 # Loggers whose INFO lines are third-party chatter (orbax logs through
 # absl's logger; some of its modules log under their own names).
@@ -46,6 +50,72 @@ def quiet_logs(verbose: bool = False) -> None:
     probe.removeFilter(_FILTER)
   else:
     probe.addFilter(_FILTER)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+  """True for a handler that writes to the terminal: absl's (which wraps
+  a stream handler on stderr) or a stream handler on stdout/stderr."""
+  if type(handler).__name__ == "ABSLHandler":
+    return True
+  return (isinstance(handler, logging.StreamHandler)
+          and getattr(handler, "stream", None) in (sys.stdout, sys.stderr))
+
+
+class _Mute(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return False
+
+
+class LogsAboveBar(logging.Handler):
+  """While open, log records print through ``bar.write`` above the bar.
+
+  The root logger's console handlers are muted for that time (handlers
+  that do not write to the terminal, such as pytest's capture, are left
+  alone) and this handler takes their place: a warning reads
+  ``WARNING: text``, an INFO line reads as its text. Records below the
+  root logger's level are dropped as before.
+
+      with LogsAboveBar(bar):
+        ... steps that may log ...
+  """
+
+  def __init__(self, bar: Any):
+    super().__init__()
+    self._bar = bar
+    self._mute = _Mute()
+    self._muted: List[logging.Handler] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      text = record.getMessage()
+      if record.levelno >= logging.WARNING:
+        text = f"{record.levelname}: {text}"
+      self._bar.write(text, file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def open(self) -> "LogsAboveBar":
+    root = logging.getLogger()
+    self._muted = [h for h in root.handlers if _is_console(h)]
+    for h in self._muted:
+      h.addFilter(self._mute)
+    root.addHandler(self)
+    return self
+
+  def close(self) -> None:
+    root = logging.getLogger()
+    root.removeHandler(self)
+    for h in self._muted:
+      h.removeFilter(self._mute)
+    self._muted = []
+    super().close()
+
+  def __enter__(self) -> "LogsAboveBar":
+    return self.open()
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 # JAX's monitoring events that time one compilation's stages.

@@ -144,6 +144,10 @@ class Progress:
                          dynamic_ncols=True, mininterval=2.0)
       except ImportError:  # pragma: no cover
         pass
+    # Log lines written while the bar is open (checkpoint saves, warnings)
+    # print above it rather than through the console handlers.
+    self._logs = (console.LogsAboveBar(self._bar).open()
+                  if self._bar is not None else None)
 
   def __call__(self, n):
     if self._bar is not None:
@@ -166,6 +170,9 @@ class Progress:
       print(text, flush=True)
 
   def close(self):
+    if self._logs is not None:
+      self._logs.close()
+      self._logs = None
     if self._bar is not None:
       self._bar.close()
 
