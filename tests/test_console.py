@@ -133,6 +133,28 @@ def test_log_lines_print_above_the_open_bar_not_through_it(capsys):
   assert not any(isinstance(h, console.LogsAboveBar) for h in root.handlers)
 
 
+def test_initial_state_gives_the_donating_step_distinct_buffers():
+  """An array held twice in a fresh state (loaded weights that also start
+  the weight average) is copied once; restore_or_init applies it."""
+  a, b = jnp.ones(3), jnp.zeros(2)
+  # device_put (as the trainer places a loaded state) gives two array objects
+  # over one buffer.
+  state = jax.device_put({"params": {"w": a}, "ema_params": {"w": a}, "other": b},
+                         jax.devices()[0])
+  state["n"] = 3
+  ptr = lambda x: x.unsafe_buffer_pointer()
+  assert ptr(state["params"]["w"]) == ptr(state["ema_params"]["w"])
+  out = loop.distinct_buffers(state)
+  pair = [out["params"]["w"], out["ema_params"]["w"]]
+  assert ptr(pair[0]) != ptr(pair[1])
+  for x in pair:
+    np.testing.assert_array_equal(x, a)
+    assert x.sharding == state["params"]["w"].sharding
+  assert out["other"] is state["other"] and out["n"] == 3
+  step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+  step({k: v for k, v in out.items() if k != "n"})  # donates without error
+
+
 def test_step_clock_leaves_out_the_first_step_and_reports_once(monkeypatch):
   now = [0.0]
   monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])

@@ -289,14 +289,18 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
   assert convert.main(["--checkpoint", str(ckpt), "--config", str(yml), "--out", str(conv_dir)]) == 0
 
   wd = tmp_path / "wd"
+  # With a weight average: it starts at the loaded weights (the same arrays,
+  # which the donating step must receive as distinct buffers).
   tu.run_python(_train_cmd(wd, f"--config.init_from={conv_dir}", "--config.disc.n_layers=1",
                            "--config.disc.ndf=16", "--config.optim.learning_rate=0.0",
+                           "--config.optim.ema_decay=0.9",
                            "--config.num_train_steps=1", "--config.eval_every=0",
                            "--config.image_every=0"))
-  _, trained = vqgan_jax.load_vqgan(str(wd), use_ema=False)
   _, converted = vqgan_jax.load_vqgan(str(conv_dir))
-  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for use_ema in (False, True):
+    _, trained = vqgan_jax.load_vqgan(str(wd), use_ema=use_ema)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The reference's discriminator came along (BatchNorm statistics included).
   from vqgan_jax import checkpoint
   state, _ = checkpoint.restore_workdir_state(str(wd))

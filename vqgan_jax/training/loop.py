@@ -249,12 +249,40 @@ def restore_or_init(ckpt, abstract_state: PyTree, state_shardings: PyTree,
                             checkpoints.state_bytes(abstract_state))
   start = ckpt.latest_step()
   if start is None:
-    return init(), 0
+    return distinct_buffers(init()), 0
   state, _, start = ckpt.restore(checkpoints.abstract_with_shardings(
       abstract_state, state_shardings))
   logging.info("resumed from step %d in %s", start,
                os.path.dirname(ckpt.directory))
   return state, start
+
+
+def distinct_buffers(state: PyTree) -> PyTree:
+  """``state`` with every array that appears more than once copied.
+
+  The train step donates its state, and XLA refuses to donate one buffer
+  twice. An initial state can hold the same array in two places: loaded
+  weights that also start the weight average (``ema_params``) or a
+  codebook's EMA statistics.
+  """
+  seen = set()
+
+  def buffers(x):
+    try:
+      return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    except Exception:  # pylint: disable=broad-except
+      return {("object", id(x))}  # a backend without raw pointers
+
+  def once(x):
+    if isinstance(x, jax.Array):
+      mine = buffers(x)
+      if mine & seen:
+        x = x.copy()
+        mine = buffers(x)
+      seen.update(mine)
+    return x
+
+  return jax.tree.map(once, state)
 
 
 class StepPacer:
