@@ -1,4 +1,5 @@
 """The benchmark harness: its arithmetic, its reference shims, its imports."""
+import json
 import os
 import re
 import subprocess
@@ -299,3 +300,46 @@ def test_benchmarks_and_tests_import_the_support_package_not_sys_path():
              if f.endswith(".py")]
   assert sorted(scripts) == ["__init__.py", "__main__.py", "common.py",
                              "refcompat.py", "suite.py", "table.py"], scripts
+
+
+def test_reference_side_by_side_trains_the_reference_and_reports_both(tmp_path, monkeypatch,
+                                                                     capsys):
+  """The side-by-side benchmark: the reference (PyTorch) really trains from
+  its random weights on this project's batches and is evaluated on the
+  validation digits; the converted weights are what vqgan-jax starts from
+  (its trainer replaced here by what it writes); a second run reuses both."""
+  from benchmarks.ablations import reference_side_by_side as sbs
+  from vqgan_jax import checkpoint as ckpt_lib
+  started = []
+
+  def fake_ours(config, workdir):
+    started.append((config.init_from, config.model.quantizer_options.vq.codebook_update,
+                    config.model.quantizer_options.vq.legacy_loss))
+    info, _ = ckpt_lib.load_variables(config.init_from, "vqgan")
+    assert info["config"]["n_embed"] == config.model.n_embed
+    return [dict(step=s, eval_psnr=9.0 + s, eval_codebook_usage=0.5)
+            for s in range(config.eval_every, config.num_train_steps + 1,
+                           config.eval_every)]
+
+  monkeypatch.setattr(sbs, "train_ours", fake_ours)
+  argv = [f"--workdir={tmp_path}", "--seeds=0", "--steps=4", "--disc_start=2",
+          "--eval_every=2", "--options=ema_restart", "--config_arg=test"]
+  assert sbs.main(argv) == 0
+  res = json.load(open(tmp_path / "results.json"))
+  ref = res["runs"]["reference"]["0"]
+  assert [r["step"] for r in ref] == [2, 4]
+  assert all(0 < r["eval_psnr"] < 60 and 0 < r["eval_codebook_usage"] <= 1 for r in ref)
+  assert ref[0]["eval_psnr"] != ref[1]["eval_psnr"]  # it trained
+  init = str(tmp_path / "seed_0" / "init" / "converted")
+  assert started == [(init, "loss", True), (init, "ema", True)]
+  out = capsys.readouterr().out
+  assert "| ours | 0 | 11.00 | 13.00 | 0.500 |" in out
+  assert "| step | reference | ours | ema_restart |" in out
+  # Again: nothing retrains.
+  monkeypatch.setattr(sbs, "train_reference", lambda *a, **k: pytest.fail("retrained"))
+  started.clear()
+  assert sbs.main(argv) == 0 and started == []
+  for bad in (["--steps=4", "--disc_start=4"], ["--options=nope"], ["--seeds=a"]):
+    with pytest.raises(SystemExit) as e:
+      sbs.main([f"--workdir={tmp_path}"] + bad)
+    assert e.value.code == 2

@@ -209,7 +209,7 @@ def train_reference(model, config, batches: Iterable[Dict[str, np.ndarray]],
     done = step + 1
     if config.eval_every and (done % config.eval_every == 0
                               or done == config.num_train_steps):
-      row = dict(step=done, loss=float(aeloss), **evaluate(model))
+      row = dict(step=done, loss=float(aeloss.detach()), **evaluate(model))
       rows.append(row)
       if log:
         log(f"reference step {done}: psnr {row['eval_psnr']:.2f} dB, "
