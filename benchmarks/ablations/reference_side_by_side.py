@@ -56,7 +56,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     "fixed_commitment": {"model.quantizer_options.vq.legacy_loss": False},
     "l2_codes": {"model.quantizer_options.vq.l2_codes": True},
     "rotation": {"model.quantizer_options.vq.quantizer_grad": "rotation"},
-    "lecam": {"loss.lecam_weight": 0.1},
+    "lecam": {"loss.lecam_weight": 0.001},
     "gan_warmup": {"loss.disc_warmup_mode": "linear",
                    "loss.disc_warmup_steps": 200},
 }
