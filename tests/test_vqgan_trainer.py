@@ -297,10 +297,12 @@ def test_init_from_converted_reference_and_actnorm(tmp_path):
                            "--config.num_train_steps=1", "--config.eval_every=0",
                            "--config.image_every=0"))
   _, converted = vqgan_jax.load_vqgan(str(conv_dir))
-  for use_ema in (False, True):
-    _, trained = vqgan_jax.load_vqgan(str(wd), use_ema=use_ema)
-    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, trained = vqgan_jax.load_vqgan(str(wd), use_ema=False)
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(converted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, average = vqgan_jax.load_vqgan(str(wd), use_ema=True)  # 0.9 w + 0.1 w
+  for a, b in zip(jax.tree.leaves(average), jax.tree.leaves(converted)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
   # The reference's discriminator came along (BatchNorm statistics included).
   from vqgan_jax import checkpoint
   state, _ = checkpoint.restore_workdir_state(str(wd))
@@ -442,7 +444,9 @@ def test_keep_freed_host_memory_ends_xla_cpu_page_faults_per_call():
   for mode in ("default", "keep"):
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode],
                          capture_output=True, text=True, check=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.split()
+                         # The optimised build users run (not the tests' -O0).
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+                         ).stdout.split()
     assert out[0] == str(mode == "keep"), (mode, out)
     faults[mode] = [int(n) for n in out[1:]]
   assert min(faults["default"]) > 50_000, faults

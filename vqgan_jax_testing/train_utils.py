@@ -21,8 +21,11 @@ def env(devices=None, **extra):
   e = dict(os.environ)
   e.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
            PYTHONPATH=ROOT)
-  if devices:
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if devices:  # kept: the test run's own XLA flags (conftest.py)
+    flags = [f for f in e.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    e["XLA_FLAGS"] = " ".join(
+        flags + [f"--xla_force_host_platform_device_count={devices}"])
   e.update(extra)
   return e
 
