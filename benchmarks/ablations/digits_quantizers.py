@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Sequence
 
 from absl import flags
 
+from benchmarks.ablations import records
 from vqgan_jax import cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -78,16 +79,6 @@ def make_config(arg: str, option: Dict[str, Any], steps: int, seed: int):
   return c
 
 
-def last_eval(workdir: str) -> Dict[str, float]:
-  """The last row of ``metrics.jsonl`` that holds ``eval_psnr``."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
-  evals = [r for r in rows if "eval_psnr" in r]
-  if not evals:
-    raise RuntimeError(f"{workdir}/metrics.jsonl has no eval_* row")
-  return evals[-1]
-
-
 def table(results: Sequence[Dict[str, Any]]) -> str:
   lines = ["| quantizer | settings | steps | codebook usage | perplexity | "
            "held-out PSNR (dB) | held-out L1 | train s |",
@@ -115,7 +106,7 @@ def run(workdir: str, names: Sequence[str], steps: int, seed: int,
     t0 = time.time()
     vqgan_trainer.train_and_evaluate(
         make_config(arg, opts[name], steps, seed), wd)
-    row = last_eval(wd)
+    row = records.last_row(wd, "eval_psnr")
     results.append(dict(name=name, option=opts[name],
                         seconds=time.time() - t0, **row))
     print(f"{name}: usage {row['eval_codebook_usage']:.3f} perplexity "

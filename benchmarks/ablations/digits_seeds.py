@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any, Dict, List, Sequence
 
 from absl import flags
 
+from benchmarks.ablations import records
 from vqgan_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -45,33 +45,10 @@ COLUMNS = (
 )
 
 
-def cpu_model() -> str:
-  """The CPU's model name (Linux), else what `platform` knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-  except OSError:
-    pass
-  return (platform.processor() or platform.machine()) + (
-      f", {os.cpu_count()} cores")
-
-
-def _last(path: str, key: str) -> Dict[str, Any]:
-  """The last row of a ``metrics.jsonl`` that holds ``key``."""
-  with open(path) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
-  rows = [r for r in rows if key in r]
-  if not rows:
-    raise RuntimeError(f"{path} has no row with {key!r}: did the run finish?")
-  return rows[-1]
-
-
 def collect(runs: str) -> Dict[str, float]:
   """One seed's numbers from its finished run folder."""
-  vq = _last(os.path.join(runs, "digits_vqgan", "metrics.jsonl"), "eval_psnr")
-  tr = _last(os.path.join(runs, "digits_transformer", "metrics.jsonl"),
+  vq = records.last_row(os.path.join(runs, "digits_vqgan", "metrics.jsonl"), "eval_psnr")
+  tr = records.last_row(os.path.join(runs, "digits_transformer", "metrics.jsonl"),
              "eval_loss")
   judged = {}
   for name, folder in (("judge_guided", "digits_samples"),
@@ -165,7 +142,7 @@ def main(argv=None):
       cli.fail(f"seed {seed}: {e}")
     print(f"seed {seed}: " + ", ".join(
         f"{t} {fmt.format(rows[-1][k])}" for k, t, fmt in COLUMNS), flush=True)
-  result = dict(cpu=cpu_model(), config=fv.config or "default", seeds=seeds,
+  result = dict(cpu=records.cpu_model(), config=fv.config or "default", seeds=seeds,
                 rows=rows, summary=summary(rows),
                 date=time.strftime("%Y-%m-%d"))
   with open(os.path.join(fv.workdir, "results.json"), "w") as f:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 from absl import flags
 
+from benchmarks.ablations import records
 from vqgan_jax import cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -227,10 +228,8 @@ def train_ours(config, workdir: str) -> List[Dict[str, Any]]:
 
 
 def eval_rows(workdir: str) -> List[Dict[str, Any]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
   out: Dict[int, Dict[str, Any]] = {}
-  for r in rows:
+  for r in records.metrics_rows(workdir):
     if "eval_psnr" in r:  # a resumed run may repeat a step: keep the last
       out[int(r["step"])] = {k: r[k] for k in
                              ("step", "eval_psnr", "eval_codebook_usage")}
@@ -414,11 +413,10 @@ def main(argv=None) -> int:
                    a.eval_every, options if i == 0 else ())
     for name, rows in got.items():
       runs.setdefault(name, {})[seed] = rows
-  from benchmarks.ablations import digits_seeds  # pylint: disable=g-import-not-at-top
   summary = summarize(runs, a.disc_start, a.steps)
   result = dict(seeds=seeds, steps=a.steps, disc_start=a.disc_start,
                 eval_every=a.eval_every, options=options,
-                cpu=digits_seeds.cpu_model(), runs=runs, summary=summary)
+                cpu=records.cpu_model(), runs=runs, summary=summary)
   with open(os.path.join(a.workdir, "results.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   print(f"\ndigits, {a.steps} steps, GAN from step {a.disc_start}, seeds "
