@@ -189,24 +189,25 @@ def train_reference(model, config, batches: Iterable[Dict[str, np.ndarray]],
   opt_disc = torch.optim.Adam(model.loss.discriminator.parameters(),
                               lr=o.learning_rate, betas=(o.b1, o.b2))
   model.train()
+
+  def train_one(x, step, optimizer_idx, opt):
+    # A fresh forward each time, as the Lightning module runs training_step
+    # once per optimiser: the discriminator's step sees the generator after
+    # its update. ``global_step`` counts batches, as disc_start does.
+    xrec, qloss = model(x)
+    loss, _ = model.loss(qloss, x, xrec, optimizer_idx, step,
+                         last_layer=model.get_last_layer(), split="train")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
   rows = []
   it = iter(batches)
   for step in range(config.num_train_steps):
     x = rc.to_nchw(next(it)["image"])
-    # The generator's step: ``global_step`` counts batches, as disc_start does.
-    xrec, qloss = model(x)
-    aeloss, _ = model.loss(qloss, x, xrec, 0, step,
-                           last_layer=model.get_last_layer(), split="train")
-    opt_ae.zero_grad()
-    aeloss.backward()
-    opt_ae.step()
-    # The discriminator's step, on a fresh forward of the updated generator.
-    xrec, qloss = model(x)
-    discloss, _ = model.loss(qloss, x, xrec, 1, step,
-                             last_layer=model.get_last_layer(), split="train")
-    opt_disc.zero_grad()
-    discloss.backward()
-    opt_disc.step()
+    aeloss = train_one(x, step, 0, opt_ae)
+    train_one(x, step, 1, opt_disc)
     done = step + 1
     if config.eval_every and (done % config.eval_every == 0
                               or done == config.num_train_steps):
