@@ -182,16 +182,25 @@ def test_third_party_info_is_quiet_unless_verbose():
   probe = logging.getLogger("jax._src.xla_bridge")
   record = logging.LogRecord("jax._src.xla_bridge", logging.INFO, __file__, 1,
                              "Unable to initialize backend 'tpu': no", (), None)
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  line = logging.LogRecord("vqgan_jax.data", logging.INFO, "pipeline.py", 277,
+                           "digits:train: enlarging %s", ("images",), None)
+  warn = logging.LogRecord("x", logging.WARNING, "x.py", 1, "careful", (), None)
   try:
     console.quiet_logs(verbose=False)
     assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
     assert not logging.getLogger("orbax").isEnabledFor(logging.INFO)
     assert logging.getLogger("absl").isEnabledFor(logging.WARNING)
     assert not probe.filter(record)
+    # The project's own lines print plainly, without absl's prefix.
+    assert handler.format(line) == "digits:train: enlarging images"
+    assert handler.format(warn) == "WARNING: careful"
   finally:
     console.quiet_logs(verbose=True)
   assert probe.filter(record)
   assert logging.getLogger("absl").level == logging.NOTSET
+  assert handler.format(line).startswith("I") and "pipeline.py:277]" in handler.format(line)
 
 
 TINY_VQ = dict(ch=32, out_ch=3, ch_mult=(1,), num_res_blocks=1,

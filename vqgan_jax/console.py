@@ -39,9 +39,36 @@ class _DropBackendProbe(logging.Filter):
 _FILTER = _DropBackendProbe()
 
 
+class PlainFormatter(logging.Formatter):
+  """A log line as the console prints it: the message alone, warnings and
+  errors prefixed with their level (``WARNING: ...``), a traceback after
+  it when there is one."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = record.getMessage()
+    if record.levelno >= logging.WARNING:
+      text = f"{record.levelname}: {text}"
+    if record.exc_info:
+      text += "\n" + self.formatException(record.exc_info)
+    return text
+
+
+_PLAIN = PlainFormatter()
+
+
 def quiet_logs(verbose: bool = False) -> None:
   """Silences third-party INFO chatter (``verbose=False``) or lets it
-  through again (``verbose=True``); warnings and errors always pass."""
+  through again (``verbose=True``); warnings and errors always pass.
+
+  Without ``verbose`` absl's handler (the one ``absl.app`` installs) prints
+  plain lines (:class:`PlainFormatter`) instead of its
+  ``I1204 18:57:46.362693 140564225177280 file.py:277]`` prefix; with it,
+  the prefix is back.
+  """
+  absl_logging = sys.modules.get("absl.logging")
+  if absl_logging is not None:
+    absl_logging.get_absl_handler().setFormatter(
+        absl_logging.PythonFormatter() if verbose else _PLAIN)
   probe = logging.getLogger(_BACKEND_LOGGER)
   for name in CHATTY_LOGGERS:
     logging.getLogger(name).setLevel(logging.NOTSET if verbose
@@ -88,10 +115,7 @@ class LogsAboveBar(logging.Handler):
 
   def emit(self, record: logging.LogRecord) -> None:
     try:
-      text = record.getMessage()
-      if record.levelno >= logging.WARNING:
-        text = f"{record.levelname}: {text}"
-      self._bar.write(text, file=sys.stderr)
+      self._bar.write(_PLAIN.format(record), file=sys.stderr)
     except Exception:  # pylint: disable=broad-except
       self.handleError(record)
 
