@@ -25,12 +25,16 @@ pipeline with the seed) and are scored the same way every `--eval_every`
 steps: held-out PSNR over the 180 validation digits (the decoder's raw
 output on [-1, 1], 10 log10(4 / MSE) per image, averaged) and the share of
 codes in use. `--options` then trains vqgan-jax again from the same weights
-with one of its own options switched on, for the first seed only.
+with one of its own options switched on, on every seed.
 
-Prints the PSNR curves and a summary (before the GAN starts: the step
-before `--disc_start`'s evaluation; after: the last), per seed and as mean
-+- sd; writes `results.json` under `--workdir` (with the CPU model). A
-finished run is reused when the command runs again.
+Held-out PSNR moves by a few dB between neighbouring evaluations, so the
+summary averages a window of them: before the GAN, the evaluations in the
+second half of the steps before `--disc_start`; after, those in the second
+half of the steps from `--disc_start` on (with the defaults: steps 300-400
+and 700-800). It gives each run's windows per seed, then mean +- sd over the
+seeds, and prints the PSNR curves (mean over the seeds). Writes
+`results.json` under `--workdir` (with the CPU model). A finished run is
+reused when the command runs again.
 """
 from __future__ import annotations
 
@@ -239,28 +243,40 @@ def eval_rows(workdir: str) -> List[Dict[str, Any]]:
 
 # --------------------------------------------------------------- reporting
 
-def at_step(rows: Sequence[Dict[str, Any]], step: int) -> Optional[Dict[str, Any]]:
-  """The evaluation row at ``step``, else the last one before it."""
-  before = [r for r in rows if r["step"] <= step]
-  return before[-1] if before else None
+def window_mean(rows: Sequence[Dict[str, Any]], start: int, end: int,
+                key: str = "eval_psnr") -> Optional[float]:
+  """The mean of ``key`` over the evaluations at steps in ``(start, end]``."""
+  v = [r[key] for r in rows if start < r["step"] <= end]
+  return statistics.fmean(v) if v else None
+
+
+def windows(disc_start: int, steps: int):
+  """The summary's two windows of steps: the second half before the GAN
+  starts and the second half after."""
+  return ((disc_start // 2, disc_start),
+          (disc_start + (steps - disc_start) // 2, steps))
 
 
 def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]],
               disc_start: int, steps: int) -> List[Dict[str, Any]]:
-  """Per run: PSNR before the GAN (the last evaluation at or before
-  ``disc_start``) and after (at ``steps``), usage at the end; mean and sd
-  over the seeds it ran."""
+  """Per run and seed: PSNR averaged over the window before the GAN and the
+  window after (:func:`windows`), codebook usage over the second; then the
+  mean and sd over the seeds."""
+  (b0, b1), (a0, a1) = windows(disc_start, steps)
   out = []
   for name, per_seed in runs.items():
     vals: Dict[str, List[float]] = {"before": [], "after": [], "usage": []}
     for rows in per_seed.values():
-      b, a = at_step(rows, disc_start), at_step(rows, steps)
-      if b is None or a is None:
+      got = (window_mean(rows, b0, b1), window_mean(rows, a0, a1),
+             window_mean(rows, a0, a1, "eval_codebook_usage"))
+      if None in got:
         continue
-      vals["before"].append(b["eval_psnr"])
-      vals["after"].append(a["eval_psnr"])
-      vals["usage"].append(a["eval_codebook_usage"])
+      for k, v in zip(vals, got):
+        vals[k].append(v)
     row: Dict[str, Any] = {"run": name, "seeds": sorted(per_seed)}
+    for k, (lo, hi) in (("before", (b0, b1)), ("after", (a0, a1))):
+      row[k + "_steps"] = sorted({r["step"] for rows in per_seed.values()
+                                  for r in rows if lo < r["step"] <= hi})
     for k, v in vals.items():
       row[k] = v
       row[k + "_mean"] = statistics.fmean(v) if v else float("nan")
@@ -269,10 +285,15 @@ def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]],
   return out
 
 
-def summary_table(summary: Sequence[Dict[str, Any]], disc_start: int,
-                  steps: int) -> str:
-  lines = [f"| run | seeds | PSNR at step {disc_start} (before the GAN), dB "
-           f"| PSNR at step {steps} (after), dB | codebook usage at the end |",
+def summary_table(summary: Sequence[Dict[str, Any]]) -> str:
+  """Markdown: each run's window means, per seed and mean +- sd."""
+  def at(key):
+    got = summary[0][key] if summary else []
+    return "steps " + ", ".join(map(str, got))
+
+  lines = [f"| run | seeds | PSNR before the GAN ({at('before_steps')}), dB "
+           f"| PSNR with the GAN ({at('after_steps')}), dB | codebook usage "
+           f"({at('after_steps')}) |",
            "|---|---|---:|---:|---:|"]
 
   def cell(r, key, fmt):
@@ -385,7 +406,7 @@ def main(argv=None) -> int:
   flags.DEFINE_integer("eval_every", 100, "Steps between held-out "
                        "evaluations.", flag_values=fv)
   flags.DEFINE_string("options", ",".join(OPTIONS), "vqgan-jax options "
-                      "trained once more on the first seed; subset of: "
+                      "trained once more on every seed; subset of: "
                       + ", ".join(OPTIONS) + " ('' for none).", flag_values=fv)
   flags.DEFINE_string("config_arg", "", "configs/digits_vqgan.py argument "
                       "('' or 'test').", flag_values=fv)
@@ -409,9 +430,9 @@ def main(argv=None) -> int:
     cli.fail(f"--eval_every={a.eval_every}: give a positive number of steps")
   os.makedirs(a.workdir, exist_ok=True)
   runs: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
-  for i, seed in enumerate(seeds):
+  for seed in seeds:
     got = run_seed(a.workdir, seed, a.config_arg, a.steps, a.disc_start,
-                   a.eval_every, options if i == 0 else ())
+                   a.eval_every, options)
     for name, rows in got.items():
       runs.setdefault(name, {})[seed] = rows
   summary = summarize(runs, a.disc_start, a.steps)
@@ -422,7 +443,7 @@ def main(argv=None) -> int:
     json.dump(result, f, indent=1, default=str)
   print(f"\ndigits, {a.steps} steps, GAN from step {a.disc_start}, seeds "
         f"{','.join(map(str, seeds))}; {result['cpu']}")
-  print(summary_table(summary, a.disc_start, a.steps))
+  print(summary_table(summary))
   print("\nheld-out PSNR (dB), mean over seeds")
   print(curve_table(runs))
   return 0
