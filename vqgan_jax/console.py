@@ -100,8 +100,8 @@ class LogsAboveBar(logging.Handler):
   The root logger's console handlers are muted for that time (handlers
   that do not write to the terminal, such as pytest's capture, are left
   alone) and this handler takes their place: a warning reads
-  ``WARNING: text``, an INFO line reads as its text. Records below the
-  root logger's level are dropped as before.
+  ``WARNING: text``, an INFO line reads as its text. Records the muted
+  handlers' levels would have dropped are dropped.
 
       with LogsAboveBar(bar):
         ... steps that may log ...
@@ -124,6 +124,8 @@ class LogsAboveBar(logging.Handler):
     self._muted = [h for h in root.handlers if _is_console(h)]
     for h in self._muted:
       h.addFilter(self._mute)
+    # What the muted handlers would have let through, this one lets through.
+    self.setLevel(min((h.level for h in self._muted), default=logging.NOTSET))
     root.addHandler(self)
     return self
 
