@@ -199,6 +199,42 @@ def test_step_with_all_gan_options_equals_hand_gradients():
   assert run.step_fn._cache_size() == 1  # crossing warm-up: no recompile
 
 
+def test_disc_fake_updated_trains_d_on_the_updated_generator():
+  """disc_fake='updated' (the reference's way): D's loss and update come
+  from a second forward of the generator after this step's update; the
+  generator's own update is unchanged (SGD(lr=1): hand gradients)."""
+  c = _config(disc_fake="updated", lecam_weight=0.0, r1_weight=0.0,
+              gan_weight_mode="fixed", gan_weight=0.05)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  run = vt.create(c, mesh, tx=(optax.sgd(1.0), optax.sgd(1.0)))
+  state = run.init_fn(jax.random.PRNGKey(0))
+  batch = _batch(c)
+  x = batch["image"]
+  before = jax.device_get(state)
+  new, m = run.step_fn(state, batch, run.lpips_vars)
+  new = jax.device_get(new)
+
+  @jax.jit
+  def hand(before, x):
+    want_g, upd, rec_step = _hand_generator_update(run, before, x, jnp.float32(0.05))
+    rec_new = run.model.apply({"params": want_g}, x, train=True)[0]
+    want_d, d_loss, _ = _hand_disc_update(
+        run, dict(before, lecam_ema={"real": 0.0, "fake": 0.0}), upd, x,
+        rec_new, 0.0, 0.0)
+    _, d_loss_step, _ = _hand_disc_update(
+        run, dict(before, lecam_ema={"real": 0.0, "fake": 0.0}), upd, x,
+        rec_step, 0.0, 0.0)
+    return want_g, want_d, d_loss, d_loss_step
+
+  want_g, want_d, d_loss, d_loss_step = hand(before, x)
+  _assert_trees_close(new["params"], want_g, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(m["disc_loss"], d_loss, rtol=1e-5)
+  _assert_trees_close(new["disc_params"], want_d, atol=1e-5, rtol=1e-4)
+  assert abs(float(d_loss) - float(d_loss_step)) > 1e-4  # not the step's fake
+  with pytest.raises(ValueError, match="disc_fake"):
+    schema.check_vqgan(_config(disc_fake="fresh"))
+
+
 def test_defaults_keep_the_reference_state_and_metrics():
   c = _config()
   model, disc = vt.build_model(c), vt.build_discriminator(c)

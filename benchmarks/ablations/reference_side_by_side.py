@@ -2,7 +2,7 @@ r"""The reference and vqgan-jax trained side by side at equal steps.
 
     python -m benchmarks.ablations.reference_side_by_side --workdir=runs/side \
         [--seeds=0,1,2] [--steps=800] [--disc_start=400] [--eval_every=100] \
-        [--options=ema_restart,l2_codes,rotation,lecam,gan_warmup]
+        [--options=ema_restart,l2_codes,rotation,lecam,gan_warmup,...]
 
 For each seed: the reference (`taming-transformers`, the test oracle) builds
 a VQGAN with `configs/digits_vqgan.py`'s architecture, its discriminator and
@@ -64,6 +64,9 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     "lecam": {"loss.lecam_weight": 0.001},
     "gan_warmup": {"loss.disc_warmup_mode": "linear",
                    "loss.disc_warmup_steps": 200},
+    # The reference's way: D trains on a second forward of the updated
+    # generator (prices the one-forward step).
+    "disc_fake_updated": {"loss.disc_fake": "updated"},
 }
 
 

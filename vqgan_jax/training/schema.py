@@ -168,6 +168,7 @@ def check_quantizer(m) -> None:
 # loss and discriminator (stage 1)
 
 DISC_LOSSES = ("hinge", "vanilla")
+DISC_FAKES = ("step", "updated")
 
 
 def _loss_fields():
@@ -191,7 +192,12 @@ def _loss_fields():
       # LeCam regulariser on D (EMA of D's real/fake outputs) and R1
       # gradient penalty on real images (r1_weight = gamma / 2).
       lecam_weight=(0.0, nonneg("0 = off")), lecam_decay=(0.999, fraction()),
-      r1_weight=(0.0, nonneg("0 = off")))
+      r1_weight=(0.0, nonneg("0 = off")),
+      # Which reconstructions D trains on: 'step' (those the generator's
+      # step made: one generator forward per step) or 'updated' (a second
+      # forward of the updated generator, as the reference's Lightning
+      # module runs one training_step per optimiser).
+      disc_fake=("step", one_of(*DISC_FAKES)))
 
 
 def _disc_fields():

@@ -4,7 +4,9 @@
 metrics)``: the generator's loss and gradients
 (:func:`losses.vqgan_generator_loss_and_grads`, one forward, the adaptive
 GAN weight from the decoder's last conv), the discriminator's on the same
-stopped reconstructions (:func:`losses.vqgan_discriminator_loss_and_grads`),
+stopped reconstructions (:func:`losses.vqgan_discriminator_loss_and_grads`;
+with ``config.loss.disc_fake='updated'`` on a second forward of the updated
+generator, as the reference),
 both updates applied only when every loss and gradient norm is finite, and
 the step's metrics. ``vqgan_trainer.create`` jits both steps.
 """
@@ -111,6 +113,42 @@ def _discriminator_grads(disc, lc) -> Callable:
   return discriminator
 
 
+def _updated_reconstruction(model, tx_g) -> Callable:
+  """``(state, g, x, rng) -> rec``: the reconstruction of ``x`` by the
+  generator after this step's update (``config.loss.disc_fake='updated'``).
+
+  The reference trains the discriminator on a second forward made after the
+  generator's optimiser step; this recomputes that update (XLA shares it
+  with the one :func:`_guarded_update` applies) and runs the model once
+  more in training mode, its EMA codebook statistics left untouched.
+  """
+
+  def refresh(state, g, x, rng):
+    _, grads, gt = g
+    params = state["params"]
+    updates, _ = tx_g.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    variables = {"params": new_params}
+    if "quantizer_stats" in state:
+      new_params = quantizers.with_ema_codebooks(new_params, gt.trunk_aux[1])
+      variables = {"params": new_params,
+                   "quantizer_stats": gt.trunk_aux[1]}
+    r_drop, r_drop2, r_gumbel = jax.random.split(jax.random.fold_in(rng, 2), 3)
+    rngs = {"dropout": r_drop, "gumbel": r_gumbel,
+            "quantizer": jax.random.fold_in(r_gumbel, 1)}
+    if "quantizer_stats" in variables:
+      (z_q, _), _ = model.apply(variables, x, train=True, method=model.encode,
+                                rngs=rngs, mutable=["quantizer_stats"])
+    else:
+      z_q, _ = model.apply(variables, x, train=True, method=model.encode,
+                           rngs=rngs)
+    rec = model.apply({"params": new_params}, z_q, train=True,
+                      method=model.decode, rngs={"dropout": r_drop2})
+    return rec.astype(jnp.float32)
+
+  return refresh
+
+
 def _guarded_update(tx_g, tx_d, ema) -> Callable:
   """``(state, g, d) -> (state, finite, grad norms)``: both optimizer steps
   (and the EMA codebook and parameter EMA), applied only when the losses
@@ -190,6 +228,8 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
   generator = _generator_grads(model, disc, lc, lpips_model)
   discriminator = _discriminator_grads(disc, lc)
   update = _guarded_update(tx_g, tx_d, config.optim.ema_decay)
+  refresh = _updated_reconstruction(model, tx_g) if (
+      lc.get("disc_fake", "step") == "updated") else None
 
   def step(state, batch, lpips_vars):
     x = batch["image"].astype(jnp.float32)
@@ -201,8 +241,8 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
                                       lc.disc_warmup_mode)
     g = generator(state, x, rng, lpips_vars, disc_factor, warmup)
     g_terms = g[2]
-    d = discriminator(state, x, jax.lax.stop_gradient(g_terms.rec),
-                      g_terms.gan_aux)
+    fake = g_terms.rec if refresh is None else refresh(state, g, x, rng)
+    d = discriminator(state, x, jax.lax.stop_gradient(fake), g_terms.gan_aux)
     new_state, finite, norms = update(state, g, d)
     return new_state, _step_metrics(g, d, finite, norms, disc_factor, warmup,
                                     lc, model.n_embed)
