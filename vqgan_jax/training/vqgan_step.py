@@ -113,35 +113,39 @@ def _discriminator_grads(disc, lc) -> Callable:
   return discriminator
 
 
-def _updated_reconstruction(model, tx_g) -> Callable:
-  """``(state, g, x, rng) -> rec``: the reconstruction of ``x`` by the
-  generator after this step's update (``config.loss.disc_fake='updated'``).
+def _generator_update(tx_g, state, g):
+  """``(new_params, opt_state)``: the generator's optimizer step from the
+  gradients of ``g`` (``(loss, grads, terms)``), its EMA codebooks set from
+  the statistics this step computed (unguarded: :func:`_guarded_update`
+  keeps the old state when the step is not finite)."""
+  _, grads, gt = g
+  updates, opt_state = tx_g.update(grads, state["opt_state"], state["params"])
+  new_params = optax.apply_updates(state["params"], updates)
+  if state.get("quantizer_stats") is not None:
+    new_params = quantizers.with_ema_codebooks(new_params, gt.trunk_aux[1])
+  return new_params, opt_state
+
+
+def _updated_reconstruction(model) -> Callable:
+  """``(new_params, qstats, x, rng) -> rec``: the reconstruction of ``x``
+  by the generator after this step's update
+  (``config.loss.disc_fake='updated'``).
 
   The reference trains the discriminator on a second forward made after the
-  generator's optimiser step; this recomputes that update (XLA shares it
-  with the one :func:`_guarded_update` applies) and runs the model once
-  more in training mode, its EMA codebook statistics left untouched.
+  generator's optimiser step; this runs the updated model once more in
+  training mode, its EMA codebook statistics (``qstats``, None without
+  them) read but not updated.
   """
 
-  def refresh(state, g, x, rng):
-    _, grads, gt = g
-    params = state["params"]
-    updates, _ = tx_g.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    variables = {"params": new_params}
-    if "quantizer_stats" in state:
-      new_params = quantizers.with_ema_codebooks(new_params, gt.trunk_aux[1])
-      variables = {"params": new_params,
-                   "quantizer_stats": gt.trunk_aux[1]}
+  def refresh(new_params, qstats, x, rng):
     r_drop, r_drop2, r_gumbel = jax.random.split(jax.random.fold_in(rng, 2), 3)
     rngs = {"dropout": r_drop, "gumbel": r_gumbel,
             "quantizer": jax.random.fold_in(r_gumbel, 1)}
-    if "quantizer_stats" in variables:
-      (z_q, _), _ = model.apply(variables, x, train=True, method=model.encode,
-                                rngs=rngs, mutable=["quantizer_stats"])
-    else:
-      z_q, _ = model.apply(variables, x, train=True, method=model.encode,
-                           rngs=rngs)
+    variables = {"params": new_params}
+    if qstats is not None:
+      variables["quantizer_stats"] = qstats
+    (z_q, _), _ = model.apply(variables, x, train=True, method=model.encode,
+                              rngs=rngs, mutable=["quantizer_stats"])
     rec = model.apply({"params": new_params}, z_q, train=True,
                       method=model.decode, rngs={"dropout": r_drop2})
     return rec.astype(jnp.float32)
@@ -153,9 +157,11 @@ def _guarded_update(tx_g, tx_d, ema) -> Callable:
   """``(state, g, d) -> (state, finite, grad norms)``: both optimizer steps
   (and the EMA codebook and parameter EMA), applied only when the losses
   and gradient norms are all finite; otherwise the state stays as it was
-  and ``bad_steps`` counts up. ``g``/``d`` are ``(loss, grads, terms)``."""
+  and ``bad_steps`` counts up. ``g``/``d`` are ``(loss, grads, terms)``;
+  ``g_update`` is :func:`_generator_update` of ``g`` when the step has
+  already computed it."""
 
-  def update(state, g, d):
+  def update(state, g, d, g_update=None):
     (loss, grads, gt), (d_loss, d_grads, dt) = g, d
     params, dparams = state["params"], state["disc_params"]
     qstats = state.get("quantizer_stats")
@@ -163,10 +169,7 @@ def _guarded_update(tx_g, tx_d, ema) -> Callable:
     g_norm, d_norm = _global_norm(grads), _global_norm(d_grads)
     finite = (jnp.isfinite(loss) & jnp.isfinite(d_loss) & jnp.isfinite(g_norm)
               & jnp.isfinite(d_norm))
-    updates, opt_state = tx_g.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    if qstats is not None:
-      new_params = quantizers.with_ema_codebooks(new_params, new_qstats)
+    new_params, opt_state = g_update or _generator_update(tx_g, state, g)
     d_updates, d_opt_state = tx_d.update(d_grads, state["disc_opt_state"],
                                          dparams)
     new_dparams = optax.apply_updates(dparams, d_updates)
@@ -228,8 +231,8 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
   generator = _generator_grads(model, disc, lc, lpips_model)
   discriminator = _discriminator_grads(disc, lc)
   update = _guarded_update(tx_g, tx_d, config.optim.ema_decay)
-  refresh = _updated_reconstruction(model, tx_g) if (
-      lc.get("disc_fake", "step") == "updated") else None
+  refresh = (_updated_reconstruction(model) if lc.disc_fake == "updated"
+             else None)
 
   def step(state, batch, lpips_vars):
     x = batch["image"].astype(jnp.float32)
@@ -241,9 +244,12 @@ def make_train_step(model, disc, tx_g, tx_d, config, lpips_model=None
                                       lc.disc_warmup_mode)
     g = generator(state, x, rng, lpips_vars, disc_factor, warmup)
     g_terms = g[2]
-    fake = g_terms.rec if refresh is None else refresh(state, g, x, rng)
+    fake, g_update = g_terms.rec, None
+    if refresh is not None:  # D sees the generator after its update
+      g_update = _generator_update(tx_g, state, g)
+      fake = refresh(g_update[0], g_terms.trunk_aux[1], x, rng)
     d = discriminator(state, x, jax.lax.stop_gradient(fake), g_terms.gan_aux)
-    new_state, finite, norms = update(state, g, d)
+    new_state, finite, norms = update(state, g, d, g_update)
     return new_state, _step_metrics(g, d, finite, norms, disc_factor, warmup,
                                     lc, model.n_embed)
 
