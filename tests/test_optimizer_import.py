@@ -45,21 +45,15 @@ def _batches(n, batch=BATCH, size=16):
           for _ in range(n)]
 
 
-def _reference(torch):
+def _reference():
   """The reference VQModel with its loss (no LPIPS) and its two Adams."""
   from vqgan_jax_testing import reference_ckpt as rc
-  import taming.modules.losses.vqperceptual as vqp
   loss = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
           "params": {"disc_start": DISC_START, "disc_num_layers": 1,
                      "disc_ndf": 16, "disc_weight": 0.8, "codebook_weight": 1.0,
                      "perceptual_weight": 0.0}}
-  orig = vqp.LPIPS
-  vqp.LPIPS = lambda: torch.nn.Identity()  # no VGG download; the term is off
-  try:
-    cfg = rc.vq_model_config(DD, 32, 16, lossconfig=loss)
-    ref = rc.build_reference(cfg, seed=0).train()
-  finally:
-    vqp.LPIPS = orig
+  cfg = rc.vq_model_config(DD, 32, 16, lossconfig=loss)
+  ref = rc.build_reference_without_perceptual(cfg, seed=0).train()
   ref.learning_rate = LR
   (opt_g, opt_d), _ = ref.configure_optimizers()
   return cfg, ref, opt_g, opt_d
@@ -98,7 +92,7 @@ def resumed(tmp_path_factory):
   torch = oracle.torch()
   oracle.taming()
   tmp = tmp_path_factory.mktemp("optimport")
-  cfg, ref, opt_g, opt_d = _reference(torch)
+  cfg, ref, opt_g, opt_d = _reference()
   xs = _batches(BEFORE + AFTER)
   for i in range(BEFORE):
     _reference_step(torch, ref, (opt_g, opt_d), xs[i], i)

@@ -68,6 +68,21 @@ def build_reference(model_cfg, seed=0):
   return model.eval()
 
 
+def build_reference_without_perceptual(model_cfg, seed=0):
+  """:func:`build_reference` for a ``VQLPIPSWithDiscriminator`` loss whose
+  perceptual weight is 0: its LPIPS (VGG16 weights, a download) is built as
+  an identity module instead."""
+  torch = oracle.torch()
+  oracle.taming()
+  import taming.modules.losses.vqperceptual as vqp
+  original = vqp.LPIPS
+  vqp.LPIPS = lambda: torch.nn.Identity()
+  try:
+    return build_reference(model_cfg, seed=seed)
+  finally:
+    vqp.LPIPS = original
+
+
 def spread_codebook(model, images, seed=0, noise=0.05):
   """Sets the codebook to perturbed encoder outputs so many codes get used."""
   torch = oracle.torch()

@@ -82,7 +82,8 @@ def base_config(arg: str, steps: int, disc_start: int, eval_every: int,
                      lecam_weight=0.0, disc_warmup_steps=0,
                      disc_loss="hinge", gan_weight_mode="adaptive",
                      codebook_weight=1.0, disc_factor=1.0))
-  c.optim.update(dict(ema_decay=0.0, grad_clip=0.0, lr_scaling="none"))
+  c.optim.update(dict(ema_decay=0.0, grad_clip=0.0, lr_scaling="none", b1=0.5,
+                      b2=0.9))  # the reference's Adam betas
   c.num_train_steps = steps
   c.seed = seed
   c.eval_every = eval_every
@@ -94,26 +95,12 @@ def base_config(arg: str, steps: int, disc_start: int, eval_every: int,
   return c
 
 
-def apply(config, overrides: Dict[str, Any]):
-  for path, value in overrides.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
 # ----------------------------------------------------------------- reference
 
 def reference_model(config, seed: int):
   """The reference VQModel with its loss (discriminator included), random
   weights from ``seed``, the perceptual term off."""
-  from vqgan_jax_testing import oracle  # pylint: disable=g-import-not-at-top
   from vqgan_jax_testing import reference_ckpt as rc  # pylint: disable=g-import-not-at-top
-  torch = oracle.torch()
-  oracle.taming()
-  import taming.modules.losses.vqperceptual as vqp  # pylint: disable=g-import-not-at-top
   m, lc = config.model, config.loss
   dd = dict(ch=m.ch, out_ch=m.out_ch, ch_mult=list(m.ch_mult),
             num_res_blocks=m.num_res_blocks,
@@ -129,13 +116,7 @@ def reference_model(config, seed: int):
                      "disc_in_channels": m.out_ch,
                      "disc_loss": lc.disc_loss, "perceptual_weight": 0.0}}
   cfg = rc.vq_model_config(dd, m.n_embed, m.embed_dim, lossconfig=loss)
-  original = vqp.LPIPS
-  vqp.LPIPS = lambda: torch.nn.Identity()  # the term is off: no VGG16
-  try:
-    model = rc.build_reference(cfg, seed=seed)
-  finally:
-    vqp.LPIPS = original
-  return model, cfg
+  return rc.build_reference_without_perceptual(cfg, seed=seed), cfg
 
 
 def convert_reference(model, cfg, out: str) -> str:
@@ -183,18 +164,10 @@ def train_reference(model, config, batches: Iterable[Dict[str, np.ndarray]],
   """Trains the reference for ``config.num_train_steps`` batches the way its
   Lightning module does; returns the evaluation rows (``step``, ``eval_*``)
   taken every ``config.eval_every`` steps."""
-  from vqgan_jax_testing import oracle  # pylint: disable=g-import-not-at-top
   from vqgan_jax_testing import reference_ckpt as rc  # pylint: disable=g-import-not-at-top
-  torch = oracle.torch()
-  o = config.optim
-  gen_params = (list(model.encoder.parameters())
-                + list(model.decoder.parameters())
-                + list(model.quantize.parameters())
-                + list(model.quant_conv.parameters())
-                + list(model.post_quant_conv.parameters()))
-  opt_ae = torch.optim.Adam(gen_params, lr=o.learning_rate, betas=(o.b1, o.b2))
-  opt_disc = torch.optim.Adam(model.loss.discriminator.parameters(),
-                              lr=o.learning_rate, betas=(o.b1, o.b2))
+  # The reference's own two Adams (betas 0.5, 0.9) at this learning rate.
+  model.learning_rate = config.optim.learning_rate
+  (opt_ae, opt_disc), _ = model.configure_optimizers()
   model.train()
 
   def train_one(x, step, optimizer_idx, opt):
@@ -385,8 +358,8 @@ def run_seed(workdir: str, seed: int, arg: str, steps: int, disc_start: int,
   for name in need:
     if name == "reference":
       continue
-    c = apply(base_config(arg, steps, disc_start, eval_every, seed),
-              OPTIONS.get(name, {}))
+    c = base_config(arg, steps, disc_start, eval_every, seed)
+    c.update_from_flattened_dict(OPTIONS.get(name, {}))
     c.init_from = init
     t0 = time.time()
     out[name] = train_ours(c, os.path.join(sd, name))
