@@ -179,6 +179,51 @@ def test_center_crop_matches_hand_computation_random_crop_is_seeded(tmp_path):
   assert lefts(seed=4) != first
 
 
+def test_augment_flips_and_reorders_channels_per_example_and_resumes(tmp_path):
+  rng = np.random.default_rng(0)
+  (tmp_path / 'p').mkdir()
+  for i in range(5):  # distinct, asymmetric colour images
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(
+        tmp_path / 'p' / f'{i}.png')
+  ds = _build(f'folder:{tmp_path / "p"}', resolution=8)
+  plain = _take(ds.train_iterator(batch_size=5, seed=1), 6)
+  augmented = _take(ds.train_iterator(batch_size=5, seed=1,
+                                      augment=('flip', 'channels')), 6)
+  seen = set()
+  for p, a in zip(plain, augmented):
+    for x, y in zip(p['image'], a['image']):
+      # Each augmented example is its plain crop, maybe mirrored, with its
+      # channels in one of the six orders.
+      found = [(f, o) for f in (False, True)
+               for o in itertools.permutations(range(3))
+               if np.array_equal((x[:, ::-1] if f else x)[..., list(o)], y)]
+      assert found
+      seen.add(found[0])
+  assert len(seen) > 6  # both mirrored and unmirrored, several orders
+  # One augmentation alone draws the same as when both are on.
+  flips = _take(ds.train_iterator(batch_size=5, seed=1, augment=('flip',)), 6)
+  for p, f, a in zip(plain, flips, augmented):
+    for x, y, z in zip(p['image'], f['image'], a['image']):
+      mirrored = not np.array_equal(x, y)
+      np.testing.assert_array_equal(y, x[:, ::-1] if mirrored else x)
+      assert any(np.array_equal(y[..., list(o)], z)
+                 for o in itertools.permutations(range(3)))
+  # Exact resume, and () is the plain stream.
+  resumed = _take(ds.train_iterator(batch_size=5, seed=1, start_step=4,
+                                    augment=('flip', 'channels')), 2)
+  for got, want in zip(resumed, augmented[4:]):
+    np.testing.assert_array_equal(got['image'], want['image'])
+  for got, want in zip(_take(ds.train_iterator(batch_size=5, seed=1,
+                                               augment=()), 6), plain):
+    np.testing.assert_array_equal(got['image'], want['image'])
+  with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
+    ds.train_iterator(batch_size=5, seed=1, augment=('rotate',))
+  gray = _build(f'folder:{_gray_folder(tmp_path / "g", 3)}', resolution=8,
+                channels=1)
+  with pytest.raises(ValueError, match="'channels' reorders R, G and B"):
+    gray.train_iterator(batch_size=3, seed=1, augment=('channels',))
+
+
 def test_resized_size_keeps_aspect_and_sets_smallest_side():
   assert images.resized_size(100, 50, 32) == (64, 32)
   assert images.resized_size(33, 64, 24) == (24, 47)

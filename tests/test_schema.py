@@ -230,6 +230,17 @@ def test_reported_bad_values_are_refused(field, value, message):
     schema.check_vqgan(c)
 
 
+def test_channel_reordering_needs_rgb_data():
+  c = _valid("vqgan")
+  c.augment = ("flip", "channels")
+  schema.check_vqgan(c)
+  c.model.in_channels = 1
+  with pytest.raises(schema.ConfigError, match=re.escape(
+      "config.augment=('flip', 'channels'): 'channels' reorders R, G and B, "
+      "but config.model.in_channels=1; drop 'channels' from config.augment")):
+    schema.check_vqgan(c)
+
+
 def test_guidance_by_default_needs_label_dropout():
   c = _valid("transformer")
   c.sampling.guidance_scale = 3.0

@@ -164,6 +164,62 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
   return pixels.astype(np.float32) / 127.5 - 1.0
 
 
+# Training augmentations `augment` applies, each drawn per example:
+#   flip      mirror left-right with probability 1/2;
+#   channels  reorder R, G and B by one of the 6 permutations, uniformly
+#             (colours the data lacks, e.g. blue skies from red ones).
+AUGMENTATIONS = ('flip', 'channels')
+_CHANNEL_ORDERS = np.array([(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0),
+                            (2, 0, 1), (2, 1, 0)])
+
+
+def check_augment(names, channels: int) -> tuple[str, ...]:
+  """`names` as a tuple, after checking each is in `AUGMENTATIONS` and fits
+  the channel count.
+
+  Raises:
+    ValueError: an unknown or repeated name, or 'channels' with 1 channel.
+  """
+  names = tuple(names)
+  for name in names:
+    if name not in AUGMENTATIONS:
+      raise ValueError(f'unknown augmentation {name!r}; valid: '
+                       f'{", ".join(AUGMENTATIONS)}')
+  if len(set(names)) != len(names):
+    raise ValueError(f'augmentation listed twice in {names}')
+  if 'channels' in names and channels != 3:
+    raise ValueError("augmentation 'channels' reorders R, G and B; the data "
+                     f'has {channels} channel(s)')
+  return names
+
+
+def augment(images: np.ndarray, names, uniform: np.ndarray) -> np.ndarray:
+  """A batch with the augmentations `names` applied to each example.
+
+  Args:
+    images: (b, H, W, C) pixels of any dtype.
+    names: a subset of `AUGMENTATIONS` (applied in that order).
+    uniform: (b, 2) floats in [0, 1): column 0 decides the flip, column 1
+      the channel order, so that each augmentation's draws do not depend on
+      which others are on.
+
+  Returns:
+    A new array of the same shape and dtype (or `images` when `names` is
+    empty).
+  """
+  names = check_augment(names, images.shape[-1])
+  if not names:
+    return images
+  out = images.copy()
+  if 'flip' in names:
+    flip = uniform[:, 0] < 0.5
+    out[flip] = out[flip, :, ::-1]
+  if 'channels' in names:
+    orders = _CHANNEL_ORDERS[np.minimum((uniform[:, 1] * 6).astype(int), 5)]
+    out = np.take_along_axis(out, orders[:, None, None, :], axis=-1)
+  return out
+
+
 def preprocess(image: Image.Image, resolution: int, channels: int,
                uniform: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
   """Converts, resizes and crops one decoded image.

@@ -6,7 +6,7 @@ source (disjoint, covering, and class-balanced for sorted folders).
 Training order: the process-local examples form an infinite stream, epoch
 after epoch, each epoch a fresh permutation drawn from (seed, process, epoch).
 Step `s` is stream positions `[s * b, (s + 1) * b)` (b = local batch), and its
-random crops come from (seed, process, step). A batch is therefore a pure
+random crops and augmentations come from (seed, process, step). A batch is therefore a pure
 function of (seed, process, step): resuming at step k is exact and O(1).
 
 Unreadable examples are flagged once (warning + `stats['skipped_corrupt']`)
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
-_PERMUTATION, _CROP = 0, 1  # RNG stream tags.
+_PERMUTATION, _CROP, _AUGMENT = 0, 1, 2  # RNG stream tags.
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -129,7 +129,7 @@ class Dataset:
     return batch_size // self.process_count
 
   def train_iterator(self, batch_size: int, seed: int, start_step: int = 0,
-                     prefetch: int = 2) -> 'TrainIterator':
+                     prefetch: int = 2, augment=()) -> 'TrainIterator':
     """An infinite shuffled iterator of random-crop training batches.
 
     Args:
@@ -138,13 +138,17 @@ class Dataset:
       start_step: first step to yield; resuming at k yields exactly the
         batches k, k+1, ... of an uninterrupted run.
       prefetch: host batches prepared ahead in a background thread (0: none).
+      augment: names from `images.AUGMENTATIONS` ('flip', 'channels'),
+        drawn per example from (seed, process, step); () for none, which
+        leaves the batches exactly as without the argument.
 
     Returns:
       A `TrainIterator` yielding {'image': float32 (b, H, W, C) in [-1, 1],
       'label': int32 (b,) when labelled}, b = the process-local batch.
     """
+    augment = images.check_augment(augment, self.channels)
     return TrainIterator(self, self.local_batch_size(batch_size), seed,
-                         start_step, prefetch)
+                         start_step, prefetch, augment)
 
   def num_eval_batches(self, batch_size: int,
                        drop_remainder: bool = False) -> int:
@@ -190,8 +194,8 @@ class Dataset:
         batch['index'] = indices.astype(np.int64)  # example ids (-1: padding)
         yield batch
 
-  def _train_batches(self, local: int, seed: int,
-                     start_step: int) -> Iterator[Batch]:
+  def _train_batches(self, local: int, seed: int, start_step: int,
+                     augment: tuple[str, ...] = ()) -> Iterator[Batch]:
     order = _TrainOrder(self.local_indices, seed, self.process_index)
     with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
       step = start_step
@@ -204,6 +208,11 @@ class Dataset:
         for slot in np.flatnonzero(~ok):
           self._fill_from_stream(batch, slot, positions[slot], order,
                                  uniforms[slot])
+        if augment:
+          batch['image'] = images.augment(
+              batch['image'], augment,
+              _rng(seed, self.process_index, step, _AUGMENT).random(
+                  (local, 2)))
         yield batch
         step += 1
 
@@ -329,17 +338,18 @@ class TrainIterator:
     seed: shuffling and cropping seed.
     start_step: the first step yielded.
     prefetch: background host batches (0: none).
+    augment: checked names from `images.AUGMENTATIONS`.
   """
 
   def __init__(self, dataset: Dataset, local_batch_size: int, seed: int,
-               start_step: int, prefetch: int):
+               start_step: int, prefetch: int, augment: tuple[str, ...] = ()):
     if start_step < 0:
       raise ValueError(f'start_step must be >= 0, got {start_step}.')
     self.step = start_step
     self.local_batch_size = local_batch_size
     self._num_local = len(dataset.local_indices)
     batches = dataset._train_batches(  # pylint: disable=protected-access
-        local_batch_size, seed, start_step)
+        local_batch_size, seed, start_step, augment)
     self._batches = (ThreadPrefetcher(batches, prefetch) if prefetch > 0
                      else batches)
 

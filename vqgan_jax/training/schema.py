@@ -380,8 +380,13 @@ def _run_fields(batch_size: int, num_train_steps: int, eval_batches: int):
 def vqgan_fields() -> Dict[str, Any]:
   """Stage 1, the reference's ImageNet f16 recipe at 256x256: every field
   as ``name: (default, domain)``, sections as nested dicts."""
+  from vqgan_jax.data import images  # pylint: disable=g-import-not-at-top
   return dict(
-      **_data_fields(), model=_model_fields(), loss=_loss_fields(),
+      **_data_fields(),
+      # Training-batch augmentations, drawn per example from (seed, step):
+      # 'flip' (left-right), 'channels' (RGB order); evaluation never.
+      augment=((), tuple_of(one_of(*images.AUGMENTATIONS))),
+      model=_model_fields(), loss=_loss_fields(),
       disc=_disc_fields(), optim=_vqgan_optim_fields(),
       **_run_fields(12, 500_000, 8),
       image_every=(5000, nonneg_int("0 = never")),
@@ -459,6 +464,11 @@ def check_vqgan(config) -> None:
   """The stage-1 checks that need only the config (no devices, no files)."""
   check_domains(config, "vqgan")
   check_model(config.model)
+  if "channels" in config.augment and config.model.in_channels != 3:
+    raise ConfigError(
+        f"config.augment={tuple(config.augment)!r}: 'channels' reorders R, G "
+        f"and B, but config.model.in_channels={config.model.in_channels}; "
+        "drop 'channels' from config.augment")
   check_dataset("dataset", config.dataset)
 
 

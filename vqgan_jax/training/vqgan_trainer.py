@@ -187,7 +187,8 @@ def _init_actnorm(run, state, train_ds, config):
   discriminator's first input in the reference, whose ActNorm initialises
   on its first training call)."""
   from vqgan_jax.data import make_global_batch  # pylint: disable=g-import-not-at-top
-  it = train_ds.train_iterator(config.batch_size, seed=config.seed)
+  it = train_ds.train_iterator(config.batch_size, seed=config.seed,
+                               augment=config.augment)
   x = make_global_batch({"image": next(it)["image"]}, run.batch_sharding)
   it.close()
   rec = run.eval_fn(state["params"], x["image"])[0]
@@ -342,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                     run.batch_sharding, run.model.n_embed)
 
   it = train_ds.train_iterator(config.batch_size, seed=config.seed,
-                               start_step=start_step)
+                               start_step=start_step, augment=config.augment)
   host_batches = data_lib.ThreadPrefetcher(it, buffer_size=2)
   batches = data_lib.prefetch_to_device(host_batches, 2, run.batch_sharding)
   return loop.train_loop(
