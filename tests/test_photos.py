@@ -54,6 +54,20 @@ def test_held_out_photos_never_reach_the_training_crops(tmp_path):
                    loader=FAKE.__getitem__)
 
 
+def test_max_crops_spreads_a_capped_number_of_crops_over_each_photo(tmp_path):
+  offsets = photos.crop_offsets(48, 64, 16, 8)  # 5 rows x 7 columns
+  kept = photos.spread(offsets, 12)
+  assert len(kept) == 12 and kept[0] == offsets[0] and kept[-1] == offsets[-1]
+  assert len({y for y, _ in kept}) == 5  # every row of the photo is sampled
+  assert photos.spread(offsets, 0) == offsets == photos.spread(offsets, 99)
+  m = _prepare(tmp_path, max_crops=12)
+  assert all(v["crops"] == 12 for v in m["train"].values())
+  assert m["heldout"]["p3"]["crops"] == 12  # held-out tiles are never capped
+  assert len(os.listdir(tmp_path / "train")) == 36 and m["max_crops"] == 12
+  with pytest.raises(ValueError, match="max_crops must be >= 0"):
+    _prepare(tmp_path, max_crops=-1)
+
+
 def test_sklearn_photos_load_offline():
   china = photos.load_photo("china")
   assert china.shape == (427, 640, 3) and china.dtype == np.uint8
@@ -99,6 +113,7 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
       ([], "give one mode"),
       (["prepare"], "prepare needs --out"),
       (["prepare", f"--out={tmp_path}", "--size=0"], "must be positive"),
+      (["prepare", f"--out={tmp_path}", "--max_crops=-2"], "must be >= 0"),
       (["prepare", f"--out={tmp_path}", "--photos=china,flower",
         "--heldout=nope"], "not available"),
       (["report", f"--data={tmp_path}"], "report needs"),

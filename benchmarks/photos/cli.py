@@ -32,6 +32,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                        "model's resolution).", flag_values=fv)
   flags.DEFINE_integer("stride", 16, "prepare: step between training crops.",
                        flag_values=fv)
+  flags.DEFINE_integer("max_crops", 0, "prepare: at most this many "
+                       "training crops per photo, spread over it (0: all).",
+                       flag_values=fv)
   flags.DEFINE_list("heldout", ["chelsea", "china"], "prepare: photos kept "
                     "out of training, whole.", flag_values=fv)
   flags.DEFINE_list("photos", [], "prepare: photos to use (default: all "
@@ -57,12 +60,15 @@ def _prepare(fv) -> int:
   if fv.size < 1 or fv.stride < 1:
     cli.fail(f"--size and --stride must be positive (got {fv.size}, "
              f"{fv.stride})")
+  if fv.max_crops < 0:
+    cli.fail(f"--max_crops must be >= 0 (0: all), got {fv.max_crops}")
   wanted = set(fv.heldout) | set(fv.photos)
   if not photos.skimage_available() and wanted & set(photos.SKIMAGE_PHOTOS):
     cli.fail(f"prepare {photos.MISSING}")
   try:
     manifest = photos.prepare(fv.out, size=fv.size, stride=fv.stride,
-                              heldout=fv.heldout, photos=fv.photos)
+                              max_crops=fv.max_crops, heldout=fv.heldout,
+                              photos=fv.photos)
   except (KeyError, ValueError) as e:
     cli.fail(str(e.args[0]) if e.args else e)
   for part in ("train", "heldout"):

@@ -94,11 +94,22 @@ def crop_offsets(height: int, width: int, size: int,
           for x in range(0, width - size + 1, stride)]
 
 
-def iter_crops(pixels: np.ndarray, size: int, stride: int
+def spread(offsets: List[Tuple[int, int]], limit: int
+           ) -> List[Tuple[int, int]]:
+  """At most `limit` of `offsets` (0: all), evenly spaced in raster order, so
+  that a large photo covers itself without outweighing the small ones."""
+  if not limit or len(offsets) <= limit:
+    return offsets
+  keep = np.unique(np.linspace(0, len(offsets) - 1, limit).round().astype(int))
+  return [offsets[i] for i in keep]
+
+
+def iter_crops(pixels: np.ndarray, size: int, stride: int, limit: int = 0
                ) -> Iterator[Tuple[int, int, np.ndarray]]:
-  """(y, x, crop) for each `size` square at `stride` (raster order)."""
+  """(y, x, crop) for each `size` square at `stride` (raster order), at most
+  `limit` of them spread over the photo (0: all)."""
   h, w = pixels.shape[:2]
-  for y, x in crop_offsets(h, w, size, stride):
+  for y, x in spread(crop_offsets(h, w, size, stride), limit):
     yield y, x, pixels[y:y + size, x:x + size]
 
 
@@ -116,7 +127,7 @@ def split_photos(names: Sequence[str], heldout: Sequence[str]
 
 
 def prepare(out: str, *, size: int = 32, stride: int = 16,
-            heldout: Sequence[str] = DEFAULT_HELDOUT,
+            max_crops: int = 0, heldout: Sequence[str] = DEFAULT_HELDOUT,
             photos: Sequence[str] = (),
             loader: Callable[[str], np.ndarray] = load_photo
             ) -> Dict[str, object]:
@@ -127,6 +138,8 @@ def prepare(out: str, *, size: int = 32, stride: int = 16,
       overwritten).
     size: crop side in pixels (the model's resolution).
     stride: step between training crops (held-out tiles never overlap).
+    max_crops: at most this many training crops per photo, spread over it
+      (0: all), so that each photo weighs about the same in training.
     heldout: names of the photos kept out of training, whole.
     photos: which photos to use (default: all available).
     loader: name -> uint8 RGB pixels (tests pass generated images).
@@ -136,17 +149,21 @@ def prepare(out: str, *, size: int = 32, stride: int = 16,
   """
   if size < 1 or stride < 1:
     raise ValueError(f"size and stride must be positive (got {size}, {stride})")
+  if max_crops < 0:
+    raise ValueError(f"max_crops must be >= 0 (0: all), got {max_crops}")
   names = list(photos) if photos else list(available_photos())
   train, held = split_photos(names, heldout)
   manifest: Dict[str, object] = {"size": size, "stride": stride,
+                                 "max_crops": max_crops,
                                  "train": {}, "heldout": {}}
-  for part, group, step in (("train", train, stride), ("heldout", held, size)):
+  for part, group, step, limit in (("train", train, stride, max_crops),
+                                   ("heldout", held, size, 0)):
     folder = os.path.join(out, part)
     os.makedirs(folder, exist_ok=True)
     for name in group:
       pixels = loader(name)
       count = 0
-      for y, x, crop in iter_crops(pixels, size, step):
+      for y, x, crop in iter_crops(pixels, size, step, limit):
         Image.fromarray(crop).save(
             os.path.join(folder, f"{name}_{y:04d}_{x:04d}.png"))
         count += 1
