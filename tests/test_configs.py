@@ -11,7 +11,7 @@ from vqgan_jax.training import vqgan_trainer as vt
 VQGAN_CONFIGS = [("digits_vqgan", ""), ("digits_vqgan", "test"),
                  ("imagenet_vqgan", "f16_1024"), ("imagenet_vqgan", "f16_16384,bf16"),
                  ("faces_vqgan", "/data/faces"), ("folder_vqgan", "/data/x"),
-                 ("folder_vqgan", "/data/x,cpu")]
+                 ("folder_vqgan", "/data/x,cpu"), ("folder_vqgan", "/data/x,photos")]
 
 
 @pytest.mark.parametrize("name,arg", VQGAN_CONFIGS)
@@ -33,6 +33,10 @@ def test_config_arguments_are_checked():
     tu.load_config("folder_vqgan", "")
   with pytest.raises(ValueError, match="unknown preset 'gpu'.*valid: cpu"):
     tu.load_config("folder_vqgan", "/data/x,gpu")
+  with pytest.raises(ValueError, match="give the image folder"):
+    tu.load_config("folder_transformer", "")
+  with pytest.raises(ValueError, match="unknown preset 'cpu'.*valid: photos"):
+    tu.load_config("folder_transformer", "/data/x,cpu")
 
 
 def test_folder_cpu_preset_is_small(tmp_path):
@@ -46,7 +50,8 @@ def test_folder_cpu_preset_is_small(tmp_path):
 
 TRANSFORMER_CONFIGS = [("digits_transformer", ""), ("digits_transformer", "test"),
                        ("imagenet_transformer", "bf16,cfg"), ("faces_transformer", "/d"),
-                       ("depth_transformer", "/d")]
+                       ("depth_transformer", "/d"), ("folder_transformer", "/d"),
+                       ("folder_transformer", "/d,photos")]
 
 
 @pytest.mark.parametrize("name,arg", TRANSFORMER_CONFIGS)
@@ -58,6 +63,7 @@ def test_transformer_configs_build(name, arg):
     c.conditioning.cond_vqgan_workdir = "/elsewhere"
   schema.check_transformer(c)
   n_embed, grid = {"digits_transformer": (64, (8, 8)),
+                   "folder_transformer": (256, (8, 8)),
                    "imagenet_transformer": (16384, (16, 16))}.get(name, (1024, (16, 16)))
   layout = tt.make_layout(c, n_embed, grid, cond_grid=(16, 16))
   model = tt.build_model(c, layout)

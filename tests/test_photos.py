@@ -133,7 +133,7 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert message in err and len(err.splitlines()) == 1, (argv, err)
 
 
-def test_photo_preset_trains_and_reports_against_the_baselines(tmp_path):
+def test_photo_presets_train_report_and_sample_a_larger_canvas(tmp_path):
   from vqgan_jax.training import vqgan_trainer
   _prepare(tmp_path / "data")
   c = tu.load_config("folder_vqgan", f"{tmp_path / 'data' / 'train'},photos")
@@ -160,3 +160,22 @@ def test_photo_preset_trains_and_reports_against_the_baselines(tmp_path):
   assert os.path.isfile(r["grid"])
   assert Image.open(r["grid"]).size == (2 * 16 * 16, 2 * 2 * 16)
   assert "| VQGAN | 0.250 |" in photo_report.table(r)
+
+  # Stage 2 on the photo codes, sampled on a canvas larger than the crops.
+  from vqgan_jax import sample_lib
+  from vqgan_jax.training import transformer_trainer
+  t = tu.load_config("folder_transformer",
+                     f"{tmp_path / 'data' / 'train'},photos")
+  assert t.conditioning.kind == "sos" and t.gpt.n_layer == 4
+  t.gpt.update(n_layer=1, n_head=2, n_embd=32)
+  t.update(vqgan_workdir=str(tmp_path / "vq"), batch_size=4,
+           num_train_steps=2, eval_every=0, sample_every=0,
+           checkpoint_every=2, log_every=1)
+  transformer_trainer.train_and_evaluate(t, str(tmp_path / "gpt"))
+  s = sample_lib.sample_images(str(tmp_path / "gpt"), str(tmp_path / "s"),
+                               num_samples=2, batch_size=2, grid=(6, 8),
+                               progress=False)
+  assert s["images"] == 2
+  # 6x8 tokens of an f4 VQGAN trained on 16x16 crops (4x4 tokens): 24x32 px.
+  for name in ("0000.png", "0001.png"):
+    assert Image.open(tmp_path / "s" / name).size == (8 * 4, 6 * 4)

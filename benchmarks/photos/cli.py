@@ -32,8 +32,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                        "model's resolution).", flag_values=fv)
   flags.DEFINE_integer("stride", 16, "prepare: step between training crops.",
                        flag_values=fv)
-  flags.DEFINE_integer("max_crops", 0, "prepare: at most this many "
-                       "training crops per photo, spread over it (0: all).",
+  flags.DEFINE_integer("max_crops", 1000, "prepare: at most this many "
+                       "training crops per photo, spread over it, so that "
+                       "large photos do not outweigh small ones (0: all).",
                        flag_values=fv)
   flags.DEFINE_list("heldout", ["chelsea", "china"], "prepare: photos kept "
                     "out of training, whole.", flag_values=fv)
