@@ -37,7 +37,8 @@ directory written by `python -m vqgan_jax.convert`, which also carries the
 reference's discriminator and LPIPS weights; set config.model to its
 architecture). The full-size default: GAN from step 10001, learning rate
 4.5e-6 x batch. Evaluation reads the same folder (centre crops), so its PSNR
-measures fit, not generalisation.
+measures fit, not generalisation, unless `--config.eval_dataset=folder:DIR`
+names a held-out folder.
 """
 import os
 

@@ -18,8 +18,10 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 export TF_CPP_MIN_LOG_LEVEL=3
 python -m benchmarks.photos prepare --out="$RUNS/photos_data"
+# Evaluated every 1,000 steps on all the held-out tiles (metrics.jsonl).
 python train_vqgan.py --config=configs/folder_vqgan.py:"$RUNS/photos_data/train",photos \
-  --workdir="$RUNS/photos_vqgan" "$@"
+  --workdir="$RUNS/photos_vqgan" \
+  --config.eval_dataset=folder:"$RUNS/photos_data/heldout" --config.eval_batches=0 "$@"
 python -m benchmarks.photos report --data="$RUNS/photos_data" \
   --vqgan="$RUNS/photos_vqgan" --output="$RUNS/photos_vqgan/photos.json"
 python train_transformer.py \

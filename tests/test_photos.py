@@ -140,9 +140,13 @@ def test_photo_presets_train_report_and_sample_a_larger_canvas(tmp_path):
   assert c.model.n_embed == 256 and c.model.resolution == 32
   assert c.loss.disc_start > c.num_train_steps  # no GAN within the run
   c.model.update(resolution=16, n_embed=16)
-  c.update(batch_size=4, num_train_steps=3, eval_every=0, image_every=0,
-           checkpoint_every=3, log_every=1)
+  # Evaluated on the held-out photo's tiles, not on the training crops.
+  c.update(batch_size=4, num_train_steps=3, eval_every=3, eval_batches=0,
+           eval_dataset=f"folder:{tmp_path / 'data' / 'heldout'}",
+           image_every=0, checkpoint_every=3, log_every=1)
   vqgan_trainer.train_and_evaluate(c, str(tmp_path / "vq"))
+  evals = [r for r in tu.rows(tmp_path / "vq") if "eval_psnr" in r]
+  assert [(r["step"], r["eval_images"]) for r in evals] == [(3, 12)]
   r = photo_report.report(str(tmp_path / "data"), str(tmp_path / "vq"),
                           kmeans_blocks=512)
   assert r["heldout_crops"] == 12 and r["factor"] == 4 and r["n_embed"] == 16

@@ -222,6 +222,7 @@ def test_values_outside_each_declared_domain_are_refused_naming_field_and_fix(st
     ("model.ch_mult", (), "config.model.ch_mult=() must be a non-empty tuple"),
     ("optim.learning_rate", -1e-4, "config.optim.learning_rate=-0.0001 must be >= 0"),
     ("model.quantizer_options.fsq.levels", (8, 1), "config.model.quantizer_options.fsq.levels"),
+    ("eval_dataset", "imagenet", "unknown dataset 'imagenet'; config.eval_dataset must be"),
 ])
 def test_reported_bad_values_are_refused(field, value, message):
   c = _valid("vqgan")

@@ -386,6 +386,10 @@ def vqgan_fields() -> Dict[str, Any]:
       # Training-batch augmentations, drawn per example from (seed, step):
       # 'flip' (left-right), 'channels' (RGB order); evaluation never.
       augment=((), tuple_of(one_of(*images.AUGMENTATIONS))),
+      # Where the periodic evaluation reads (its eval_split): '' = dataset;
+      # e.g. folder:/data/held_out to measure generalisation, not fit.
+      eval_dataset=("", text("dataset", nonempty=False, note=(
+          "'' = config.dataset, or a dataset string as config.dataset"))),
       model=_model_fields(), loss=_loss_fields(),
       disc=_disc_fields(), optim=_vqgan_optim_fields(),
       **_run_fields(12, 500_000, 8),
@@ -470,6 +474,8 @@ def check_vqgan(config) -> None:
         f"and B, but config.model.in_channels={config.model.in_channels}; "
         "drop 'channels' from config.augment")
   check_dataset("dataset", config.dataset)
+  if config.eval_dataset:
+    check_dataset("eval_dataset", config.eval_dataset)
 
 
 def check_transformer(config) -> None:

@@ -298,11 +298,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       data_dir=config.data_dir, channels=config.model.in_channels)
   eval_ds = None
   if config.eval_every:
+    eval_name = config.eval_dataset or config.dataset
     eval_split = config.eval_split
-    if config.dataset.startswith("folder:"):
-      eval_split = "train"
+    if eval_name.startswith("folder:"):
+      eval_split = "train"  # a folder is one split
     eval_ds = data_lib.build_dataset(
-        config.dataset, resolution=config.model.resolution, split=eval_split,
+        eval_name, resolution=config.model.resolution, split=eval_split,
         data_dir=config.data_dir, channels=config.model.in_channels)
 
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
