@@ -23,28 +23,13 @@ The codes are those of the VQGAN's centre crops of every image (computed
 once, cached under the VQGAN's workdir). Samples go to WORKDIR/images/ while
 training; `sample.py` draws more, at any grid size.
 """
-import os
-
 from vqgan_jax.training import schema
 
 PRESETS = ("photos",)
 
 
-def _split(arg: str):
-  """'PATH' or 'PATH,PRESET' -> (PATH, PRESET or '')."""
-  if os.path.isdir(os.path.expanduser(arg)):
-    return arg, ""  # a folder whose name holds a comma
-  path, comma, preset = arg.rpartition(",")
-  if not comma:
-    return arg, ""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r} in {arg!r}; valid: "
-                     f"{', '.join(PRESETS)} (PATH,photos) or none (PATH)")
-  return path, preset
-
-
 def get_config(arg: str = ""):
-  path, preset = _split(arg)
+  path, preset = schema.folder_and_preset(arg, PRESETS)
   if not path:
     raise ValueError("give the image folder: --config=configs/"
                      "folder_transformer.py:/path/to/images (or "

@@ -40,24 +40,9 @@ architecture). The full-size default: GAN from step 10001, learning rate
 measures fit, not generalisation, unless `--config.eval_dataset=folder:DIR`
 names a held-out folder.
 """
-import os
-
 from vqgan_jax.training import schema
 
 PRESETS = ("cpu", "photos")
-
-
-def _split(arg: str):
-  """'PATH' or 'PATH,PRESET' -> (PATH, PRESET or '')."""
-  if os.path.isdir(os.path.expanduser(arg)):
-    return arg, ""  # a folder whose name holds a comma
-  path, comma, preset = arg.rpartition(",")
-  if not comma:
-    return arg, ""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r} in {arg!r}; valid: "
-                     f"{', '.join(PRESETS)} (PATH,cpu) or none (PATH)")
-  return path, preset
 
 
 def _small_f4_model(c, resolution, code_dim, n_embed):
@@ -72,7 +57,7 @@ def _small_f4_model(c, resolution, code_dim, n_embed):
 
 
 def get_config(arg: str = ""):
-  path, preset = _split(arg)
+  path, preset = schema.folder_and_preset(arg, PRESETS)
   if not path:
     raise ValueError("give the image folder: --config=configs/folder_vqgan.py:"
                      "/path/to/images (or /path/to/images,cpu)")

@@ -68,6 +68,25 @@ def _data_fields():
       eval_split=("validation", text("split")))
 
 
+def folder_and_preset(arg: str, presets: Tuple[str, ...]) -> Tuple[str, str]:
+  """A folder config's argument, ``PATH`` or ``PATH,PRESET``, as ``(PATH,
+  PRESET or '')``; an existing folder whose name holds a comma is never
+  split.
+
+  Raises:
+    ValueError: PRESET is not one of ``presets``.
+  """
+  if os.path.isdir(os.path.expanduser(arg)):
+    return arg, ""
+  path, comma, preset = arg.rpartition(",")
+  if not comma:
+    return arg, ""
+  if preset not in presets:
+    raise ValueError(f"unknown preset {preset!r} in {arg!r}; valid: "
+                     f"{', '.join(presets)} (PATH,{presets[0]}) or none (PATH)")
+  return path, preset
+
+
 def check_dataset(field: str, value: str) -> None:
   """A ``config.dataset``-style string has one of the known forms."""
   from vqgan_jax import data  # pylint: disable=g-import-not-at-top
