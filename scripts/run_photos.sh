@@ -2,8 +2,7 @@
 # Real photographs, offline: 32x32 crops of the photos bundled with
 # scikit-image and scikit-learn (chelsea and china held out, whole; at most
 # 1,000 crops per training photo), a small f4 VQGAN trained on the others
-# (4,000 steps with flips and colour-channel reordering, about 15 minutes on
-# 2 CPU cores), then its held-out PSNR, SSIM and codebook usage beside
+# (4,000 steps on mirrored crops, about 12 minutes on 2 CPU cores), then its held-out PSNR, SSIM and codebook usage beside
 # shrink-and-enlarge and k-means VQ at the same bit budget, and a grid of
 # held-out originals above their reconstructions. Stage 2: a small GPT over
 # the VQGAN's codes, sampled on a canvas larger than the crops with the
