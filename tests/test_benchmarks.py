@@ -343,3 +343,45 @@ def test_reference_side_by_side_trains_the_reference_and_reports_both(tmp_path, 
     with pytest.raises(SystemExit) as e:
       sbs.main([f"--workdir={tmp_path}"] + bad)
     assert e.value.code == 2
+
+
+def test_reference_side_by_side_on_photo_crops(tmp_path, monkeypatch, capsys):
+  """--photos: the reference trains on a prepared photo folder's crops with
+  the photos preset's architecture and is scored on its held-out tiles; our
+  run gets the same data, no augmentation, and the held-out evaluation."""
+  import numpy as np
+  from PIL import Image
+  from benchmarks.ablations import reference_side_by_side as sbs
+  from vqgan_jax.data import photos
+  rng = np.random.default_rng(0)
+  fake = {f"p{i}": np.asarray(Image.fromarray(
+      rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((64, 48)))
+          for i in range(3)}
+  data = tmp_path / "data"
+  photos.prepare(str(data), size=32, stride=16, heldout=("p2",),
+                 photos=tuple(fake), loader=fake.__getitem__)
+  started = []
+
+  def fake_ours(config, workdir):
+    started.append((config.dataset, config.eval_dataset, config.augment,
+                    config.model.resolution))
+    return [dict(step=s, eval_psnr=9.0 + s, eval_codebook_usage=0.5)
+            for s in range(config.eval_every, config.num_train_steps + 1,
+                           config.eval_every)]
+
+  monkeypatch.setattr(sbs, "train_ours", fake_ours)
+  argv = [f"--workdir={tmp_path / 'side'}", "--seeds=0", "--steps=2",
+          "--disc_start=1", "--eval_every=2", "--options=", f"--photos={data}"]
+  assert sbs.main(argv) == 0
+  assert started == [(f"folder:{data / 'train'}", f"folder:{data / 'heldout'}",
+                      (), 32)]
+  res = json.load(open(tmp_path / "side" / "results.json"))
+  assert res["data"] == f"photos ({data})"
+  ref = res["runs"]["reference"]["0"]
+  assert [r["step"] for r in ref] == [2] and 0 < ref[0]["eval_psnr"] < 60
+  assert f"photos ({data}), 2 steps" in capsys.readouterr().out
+  for bad, message in (([f"--photos={tmp_path}"], "has no heldout/ folder"),
+                       ([f"--photos={data}", "--config_arg=test"], "--config_arg")):
+    with pytest.raises(SystemExit) as e:
+      sbs.main([f"--workdir={tmp_path / 'side'}"] + bad)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -2,7 +2,8 @@ r"""The reference and vqgan-jax trained side by side at equal steps.
 
     python -m benchmarks.ablations.reference_side_by_side --workdir=runs/side \
         [--seeds=0,1,2] [--steps=800] [--disc_start=400] [--eval_every=100] \
-        [--options=ema_restart,l2_codes,rotation,lecam,gan_warmup,...]
+        [--options=ema_restart,l2_codes,rotation,lecam,gan_warmup,...] \
+        [--photos=runs/photos_data]
 
 For each seed: the reference (`taming-transformers`, the test oracle) builds
 a VQGAN with `configs/digits_vqgan.py`'s architecture, its discriminator and
@@ -26,6 +27,11 @@ steps: held-out PSNR over the 180 validation digits (the decoder's raw
 output on [-1, 1], 10 log10(4 / MSE) per image, averaged) and the share of
 codes in use. `--options` then trains vqgan-jax again from the same weights
 with one of its own options switched on, on every seed.
+
+With `--photos=DIR` (a folder written by `python -m benchmarks.photos
+prepare`) both train on its crops with the folder config's `photos`
+architecture (no augmentation: the reference reads the same batches) and are
+scored on its held-out tiles instead.
 
 Held-out PSNR moves by a few dB between neighbouring evaluations, so the
 summary averages a window of them: before the GAN, the evaluations in the
@@ -71,10 +77,18 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
 
 
 def base_config(arg: str, steps: int, disc_start: int, eval_every: int,
-                seed: int):
-  """`configs/digits_vqgan.py` set to the reference's recipe."""
+                seed: int, photos: str = ""):
+  """`configs/digits_vqgan.py` (or, with ``photos``, the folder config's
+  `photos` preset on ``photos``/train, evaluated on ``photos``/heldout) set
+  to the reference's recipe."""
   from vqgan_jax_testing import train_utils  # pylint: disable=g-import-not-at-top
-  c = train_utils.load_config("digits_vqgan", arg)
+  if photos:
+    c = train_utils.load_config(
+        "folder_vqgan", os.path.join(photos, "train") + ",photos")
+    c.eval_dataset = "folder:" + os.path.join(photos, "heldout")
+    c.augment = ()  # the reference trains on the same plain batches
+  else:
+    c = train_utils.load_config("digits_vqgan", arg)
   c.model.quantizer_options.vq.update(dict(
       codebook_update="loss", dead_code_threshold=0.0, legacy_loss=True,
       l2_codes=False, quantizer_grad="ste"))
@@ -310,11 +324,12 @@ def curve_table(runs: Dict[str, Dict[int, List[Dict[str, Any]]]]) -> str:
 
 def run_seed(workdir: str, seed: int, arg: str, steps: int, disc_start: int,
              eval_every: int, options: Sequence[str],
-             log: Callable[[str], None] = print) -> Dict[str, List[Dict[str, Any]]]:
+             log: Callable[[str], None] = print, photos: str = ""
+             ) -> Dict[str, List[Dict[str, Any]]]:
   """The reference, vqgan-jax and each of ``options`` from one seed's
   converted weights; returns each run's evaluation rows."""
   from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  config = base_config(arg, steps, disc_start, eval_every, seed)
+  config = base_config(arg, steps, disc_start, eval_every, seed, photos)
   sd = os.path.join(workdir, f"seed_{seed}")
   os.makedirs(sd, exist_ok=True)
   out: Dict[str, List[Dict[str, Any]]] = {}
@@ -339,10 +354,12 @@ def run_seed(workdir: str, seed: int, arg: str, steps: int, disc_start: int,
     train = data_lib.build_dataset(config.dataset, resolution=m.resolution,
                                    split="train", data_dir=config.data_dir,
                                    channels=m.in_channels)
-    val = data_lib.build_dataset(config.dataset, resolution=m.resolution,
-                                 split=config.eval_split,
-                                 data_dir=config.data_dir,
-                                 channels=m.in_channels)
+    # Where the trainer evaluates (a folder is one split).
+    eval_name = config.eval_dataset or config.dataset
+    val = data_lib.build_dataset(
+        eval_name, resolution=m.resolution,
+        split="train" if eval_name.startswith("folder:") else config.eval_split,
+        data_dir=config.data_dir, channels=m.in_channels)
     it = train.train_iterator(config.batch_size, seed=config.seed)
     t0 = time.time()
     try:
@@ -358,7 +375,7 @@ def run_seed(workdir: str, seed: int, arg: str, steps: int, disc_start: int,
   for name in need:
     if name == "reference":
       continue
-    c = base_config(arg, steps, disc_start, eval_every, seed)
+    c = base_config(arg, steps, disc_start, eval_every, seed, photos)
     c.update_from_flattened_dict(OPTIONS.get(name, {}))
     c.init_from = init
     t0 = time.time()
@@ -386,6 +403,11 @@ def main(argv=None) -> int:
                       + ", ".join(OPTIONS) + " ('' for none).", flag_values=fv)
   flags.DEFINE_string("config_arg", "", "configs/digits_vqgan.py argument "
                       "('' or 'test').", flag_values=fv)
+  flags.DEFINE_string("photos", "", "Train on the photo crops of this folder "
+                      "(written by `python -m benchmarks.photos prepare`) "
+                      "with the folder config's photos preset, evaluated on "
+                      "its held-out tiles, instead of the digits.",
+                      flag_values=fv)
   cli.parse(fv, argv, __doc__,
             prog="python -m benchmarks.ablations.reference_side_by_side")
   a = fv
@@ -404,20 +426,26 @@ def main(argv=None) -> int:
                     f"(0 < disc_start < --steps={a.steps})")
   if a.eval_every <= 0:
     cli.fail(f"--eval_every={a.eval_every}: give a positive number of steps")
+  if a.photos and a.config_arg:
+    cli.fail("--config_arg is for the digits; --photos uses the photos preset")
+  if a.photos and not os.path.isdir(os.path.join(a.photos, "heldout")):
+    cli.fail(f"--photos={a.photos} has no heldout/ folder; write it with "
+             f"`python -m benchmarks.photos prepare --out={a.photos}`")
   os.makedirs(a.workdir, exist_ok=True)
   runs: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
   for seed in seeds:
     got = run_seed(a.workdir, seed, a.config_arg, a.steps, a.disc_start,
-                   a.eval_every, options)
+                   a.eval_every, options, photos=a.photos)
     for name, rows in got.items():
       runs.setdefault(name, {})[seed] = rows
   summary = summarize(runs, a.disc_start, a.steps)
-  result = dict(seeds=seeds, steps=a.steps, disc_start=a.disc_start,
+  data = f"photos ({a.photos})" if a.photos else "digits"
+  result = dict(data=data, seeds=seeds, steps=a.steps, disc_start=a.disc_start,
                 eval_every=a.eval_every, options=options,
                 cpu=records.cpu_model(), runs=runs, summary=summary)
   with open(os.path.join(a.workdir, "results.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
-  print(f"\ndigits, {a.steps} steps, GAN from step {a.disc_start}, seeds "
+  print(f"\n{data}, {a.steps} steps, GAN from step {a.disc_start}, seeds "
         f"{','.join(map(str, seeds))}; {result['cpu']}")
   print(summary_table(summary))
   print("\nheld-out PSNR (dB), mean over seeds")
