@@ -354,12 +354,8 @@ def run_seed(workdir: str, seed: int, arg: str, steps: int, disc_start: int,
     train = data_lib.build_dataset(config.dataset, resolution=m.resolution,
                                    split="train", data_dir=config.data_dir,
                                    channels=m.in_channels)
-    # Where the trainer evaluates (a folder is one split).
-    eval_name = config.eval_dataset or config.dataset
-    val = data_lib.build_dataset(
-        eval_name, resolution=m.resolution,
-        split="train" if eval_name.startswith("folder:") else config.eval_split,
-        data_dir=config.data_dir, channels=m.in_channels)
+    from vqgan_jax.training import vqgan_trainer  # pylint: disable=g-import-not-at-top
+    val = vqgan_trainer.build_eval_dataset(config)  # where ours evaluates
     it = train.train_iterator(config.batch_size, seed=config.seed)
     t0 = time.time()
     try:

@@ -182,6 +182,17 @@ def _disc_initialized(state) -> bool:
   return bool(flags) and all(int(jax.device_get(f)) for f in flags)
 
 
+def build_eval_dataset(config):
+  """The dataset the periodic evaluation reads: ``config.eval_dataset`` (or
+  ``config.dataset``), split ``config.eval_split`` (a folder is one split)."""
+  from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  name = config.eval_dataset or config.dataset
+  split = "train" if name.startswith("folder:") else config.eval_split
+  return data_lib.build_dataset(
+      name, resolution=config.model.resolution, split=split,
+      data_dir=config.data_dir, channels=config.model.in_channels)
+
+
 def _init_actnorm(run, state, train_ds, config):
   """Data-dependent ActNorm init on the first batch's reconstructions (the
   discriminator's first input in the reference, whose ActNorm initialises
@@ -296,15 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train_ds = data_lib.build_dataset(
       config.dataset, resolution=config.model.resolution, split="train",
       data_dir=config.data_dir, channels=config.model.in_channels)
-  eval_ds = None
-  if config.eval_every:
-    eval_name = config.eval_dataset or config.dataset
-    eval_split = config.eval_split
-    if eval_name.startswith("folder:"):
-      eval_split = "train"  # a folder is one split
-    eval_ds = data_lib.build_dataset(
-        eval_name, resolution=config.model.resolution, split=eval_split,
-        data_dir=config.data_dir, channels=config.model.in_channels)
+  eval_ds = build_eval_dataset(config) if config.eval_every else None
 
   extras = ckpt_lib.load_extras(config.init_from) if config.init_from else {}
   run = create(config, mesh, extras)
