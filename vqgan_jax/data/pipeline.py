@@ -6,8 +6,9 @@ source (disjoint, covering, and class-balanced for sorted folders).
 Training order: the process-local examples form an infinite stream, epoch
 after epoch, each epoch a fresh permutation drawn from (seed, process, epoch).
 Step `s` is stream positions `[s * b, (s + 1) * b)` (b = local batch), and its
-random crops and augmentations come from (seed, process, step). A batch is therefore a pure
-function of (seed, process, step): resuming at step k is exact and O(1).
+random crops and augmentations come from (seed, process, step). A batch is
+therefore a pure function of (seed, process, step): resuming at step k is
+exact and O(1).
 
 Unreadable examples are flagged once (warning + `stats['skipped_corrupt']`)
 and never decoded again. In training the slot takes the next readable
