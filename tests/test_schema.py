@@ -242,6 +242,29 @@ def test_channel_reordering_needs_rgb_data():
     schema.check_vqgan(c)
 
 
+def test_ema_restart_threshold_the_batch_cannot_meet_is_refused():
+  """At most vectors-per-step / threshold codes can keep an EMA count of
+  threshold: above vectors / n_embed the codebook churns and collapses."""
+  c = _valid("vqgan")
+  c.model.update(dict(resolution=32, ch_mult=(1, 2, 2, 2), n_embed=4096))
+  c.batch_size = 16  # 16 x 4 x 4 = 256 vectors a step
+  vq = c.model.quantizer_options.vq
+  vq.update(dict(codebook_update="ema", dead_code_threshold=1.0))
+  with pytest.raises(schema.ConfigError, match=re.escape(
+      "config.model.quantizer_options.vq.dead_code_threshold=1.0: a step "
+      "quantizes 256 vectors (batch 16 x 4x4), so at most 256 of the 4096 "
+      "codes can keep an EMA count of 1.0 and the rest restart every step; "
+      "set it to at most 0.0625 (vectors per step / n_embed), or raise "
+      "config.batch_size, or lower config.model.n_embed")):
+    schema.check_vqgan(c)
+  vq.dead_code_threshold = 0.0625  # the largest that every code can meet
+  schema.check_vqgan(c)
+  vq.dead_code_threshold = 0.0  # off
+  schema.check_vqgan(c)
+  vq.update(dict(codebook_update="loss", dead_code_threshold=1.0))  # unused
+  schema.check_vqgan(c)
+
+
 def test_guidance_by_default_needs_label_dropout():
   c = _valid("transformer")
   c.sampling.guidance_scale = 3.0
