@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 export TF_CPP_MIN_LOG_LEVEL=3
 python -m benchmarks.photos prepare --out="$RUNS/photos_data"
-# Evaluated every 1,000 steps on all the held-out tiles (metrics.jsonl).
+# Both stages evaluate on all the held-out tiles while they train
+# (metrics.jsonl): stage 1 every 1,000 steps, stage 2 every 500.
 python train_vqgan.py --config=configs/folder_vqgan.py:"$RUNS/photos_data/train",photos \
   --workdir="$RUNS/photos_vqgan" \
   --config.eval_dataset=folder:"$RUNS/photos_data/heldout" --config.eval_batches=0 "$@"
@@ -26,6 +27,7 @@ python -m benchmarks.photos report --data="$RUNS/photos_data" \
 python train_transformer.py \
   --config=configs/folder_transformer.py:"$RUNS/photos_data/train",photos \
   --workdir="$RUNS/photos_transformer" --config.vqgan_workdir="$RUNS/photos_vqgan" \
+  --config.eval_dataset=folder:"$RUNS/photos_data/heldout" --config.eval_batches=0 \
   --host_malloc=keep
 # 16 samples on a 16x24 token canvas (64x96 px), twice by three times the
 # 8x8 window the GPT was trained on.

@@ -133,7 +133,8 @@ def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert message in err and len(err.splitlines()) == 1, (argv, err)
 
 
-def test_photo_presets_train_report_and_sample_a_larger_canvas(tmp_path):
+def test_photo_presets_train_report_and_sample_a_larger_canvas(tmp_path,
+                                                               monkeypatch):
   from vqgan_jax.training import vqgan_trainer
   _prepare(tmp_path / "data")
   c = tu.load_config("folder_vqgan", f"{tmp_path / 'data' / 'train'},photos")
@@ -172,10 +173,26 @@ def test_photo_presets_train_report_and_sample_a_larger_canvas(tmp_path):
                      f"{tmp_path / 'data' / 'train'},photos")
   assert t.conditioning.kind == "sos" and t.gpt.n_layer == 4
   t.gpt.update(n_layer=1, n_head=2, n_embd=32)
+  heldout = f"folder:{tmp_path / 'data' / 'heldout'}"
   t.update(vqgan_workdir=str(tmp_path / "vq"), batch_size=4,
-           num_train_steps=2, eval_every=0, sample_every=0,
-           checkpoint_every=2, log_every=1)
+           num_train_steps=2, eval_every=2, eval_batches=0,
+           eval_dataset=heldout, sample_every=0, checkpoint_every=2,
+           log_every=1)
+  encoded, load_codes = [], transformer_trainer.load_codes
+
+  def spy(config, mesh, split, *args, dataset=None, **kw):
+    out = load_codes(config, mesh, split, *args, dataset=dataset, **kw)
+    encoded.append((dataset or config.dataset, split, len(out["codes"])))
+    return out
+
+  monkeypatch.setattr(transformer_trainer, "load_codes", spy)
   transformer_trainer.train_and_evaluate(t, str(tmp_path / "gpt"))
+  # Trained on the training crops' codes, evaluated on the held-out tiles'.
+  assert encoded == [(t.dataset, "train", len(os.listdir(
+      tmp_path / "data" / "train"))), (heldout, "train", 12)]
+  evals = [r for r in tu.rows(tmp_path / "gpt") if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [2]
+  assert np.isfinite(evals[0]["eval_loss"])
   s = sample_lib.sample_images(str(tmp_path / "gpt"), str(tmp_path / "s"),
                                num_samples=2, batch_size=2, grid=(6, 8),
                                progress=False)

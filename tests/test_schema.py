@@ -319,3 +319,26 @@ def test_config_help_lists_every_field_with_its_value_and_domain():
   assert not [l for l in lines if "no declared domain" in l]
   assert "--config.gpt.n_layer=3  " in r.stdout and "integer > 0" in r.stdout
   assert "'--config.gpt.remat=false" not in r.stdout and "--config.gpt.remat=false" in r.stdout
+
+
+def test_stage_two_evaluates_on_eval_dataset_but_not_with_paired_conditioning():
+  c = _valid("transformer")
+  c.dataset, c.eval_dataset = "folder:/data/train", "folder:/data/heldout"
+  schema.check_transformer(c)
+  assert schema.eval_source(c) == ("folder:/data/heldout", "train")
+  c.eval_dataset = ""
+  c.eval_split = "validation"
+  assert schema.eval_source(c) == ("folder:/data/train", "train")  # one split
+  c.dataset = "digits"
+  assert schema.eval_source(c) == ("digits", "validation")
+  c.eval_dataset = "imagenet"
+  with pytest.raises(schema.ConfigError, match=re.escape(
+      "unknown dataset 'imagenet'; config.eval_dataset must be")):
+    schema.check_transformer(c)
+  c.eval_dataset = "folder:/data/heldout"
+  c.conditioning.update(dict(kind="codes", cond_vqgan_workdir="/depth_vq",
+                             cond_dataset="folder:/data/depth"))
+  with pytest.raises(schema.ConfigError, match=re.escape(
+      "config.eval_dataset with config.conditioning.cond_dataset: the "
+      "conditioning images are paired with config.dataset's")):
+    schema.check_transformer(c)

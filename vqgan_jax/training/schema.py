@@ -65,7 +65,19 @@ def _data_fields():
           "dataset", note="'digits', 'tfds:NAME[:SPLIT]' or 'folder:PATH'")),
       data_dir=(ml_collections.FieldReference(None, field_type=str),
                 optional(path(note="TFDS data_dir"))),
-      eval_split=("validation", text("split")))
+      eval_split=("validation", text("split")),
+      # Where the periodic evaluation reads (its eval_split): '' = dataset;
+      # e.g. folder:/data/held_out to measure generalisation, not fit.
+      eval_dataset=("", text("dataset", nonempty=False, note=(
+          "'' = config.dataset, or a dataset string as config.dataset"))))
+
+
+def eval_source(config) -> Tuple[str, str]:
+  """``(dataset, split)`` the periodic evaluation of either stage reads:
+  ``config.eval_dataset`` or else ``config.dataset``, split
+  ``config.eval_split`` (a folder is one split, ``'train'``)."""
+  name = config.eval_dataset or config.dataset
+  return name, "train" if name.startswith("folder:") else config.eval_split
 
 
 def folder_and_preset(arg: str, presets: Tuple[str, ...]) -> Tuple[str, str]:
@@ -437,10 +449,6 @@ def vqgan_fields() -> Dict[str, Any]:
       # Training-batch augmentations, drawn per example from (seed, step):
       # 'flip' (left-right), 'channels' (RGB order); evaluation never.
       augment=((), tuple_of(one_of(*images.AUGMENTATIONS))),
-      # Where the periodic evaluation reads (its eval_split): '' = dataset;
-      # e.g. folder:/data/held_out to measure generalisation, not fit.
-      eval_dataset=("", text("dataset", nonempty=False, note=(
-          "'' = config.dataset, or a dataset string as config.dataset"))),
       model=_model_fields(), loss=_loss_fields(),
       disc=_disc_fields(), optim=_vqgan_optim_fields(),
       **_run_fields(12, 500_000, 8),
@@ -537,6 +545,14 @@ def check_transformer(config) -> None:
   check_sampling(config)
   _check_gpt(config)
   check_dataset("dataset", config.dataset)
+  if config.eval_dataset:
+    check_dataset("eval_dataset", config.eval_dataset)
+    if config.conditioning.kind == "codes" and config.conditioning.cond_dataset:
+      raise ConfigError(
+          "config.eval_dataset with config.conditioning.cond_dataset: the "
+          "conditioning images are paired with config.dataset's, and a "
+          "separate evaluation set has no pairs; leave config.eval_dataset "
+          "empty (evaluation reads config.eval_split of both)")
 
 
 def _num_devices(num_devices: Optional[int]) -> int:

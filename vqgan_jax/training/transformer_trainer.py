@@ -245,12 +245,13 @@ class _TransformedSource:
 
 
 def load_codes(config, mesh, split: str, vqgan, vqgan_vars, vqgan_dir,
-               cond=None):
-  """{'codes', 'labels'[, 'cond_codes']} of a split, cached."""
+               cond=None, dataset: Optional[str] = None):
+  """{'codes', 'labels'[, 'cond_codes']} of a split of ``dataset`` (default
+  ``config.dataset``), cached."""
   from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   kind = config.conditioning.kind
   ds = data_lib.build_dataset(
-      config.dataset, resolution=vqgan.resolution, split=split,
+      dataset or config.dataset, resolution=vqgan.resolution, split=split,
       data_dir=config.data_dir, channels=vqgan.in_channels,
       with_labels=kind == "class")
   cache = config.codes_dir or os.path.join(vqgan_dir, "codes")
@@ -366,8 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train = load_codes(config, mesh, "train", vq_model, vq_vars, vq_dir, cond)
   val = None
   if config.eval_every:
-    val = load_codes(config, mesh, config.eval_split, vq_model, vq_vars,
-                     vq_dir, cond)
+    eval_name, eval_split = schema.eval_source(config)
+    val = load_codes(config, mesh, eval_split, vq_model, vq_vars, vq_dir,
+                     cond, dataset=eval_name)
   grid = train["codes"].shape[1:]
   cond_grid = train["cond_codes"].shape[1:] if "cond_codes" in train else None
   layout = make_layout(config, vq_model.n_embed, grid, cond_grid)

@@ -186,8 +186,7 @@ def build_eval_dataset(config):
   """The dataset the periodic evaluation reads: ``config.eval_dataset`` (or
   ``config.dataset``), split ``config.eval_split`` (a folder is one split)."""
   from vqgan_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  name = config.eval_dataset or config.dataset
-  split = "train" if name.startswith("folder:") else config.eval_split
+  name, split = schema.eval_source(config)
   return data_lib.build_dataset(
       name, resolution=config.model.resolution, split=split,
       data_dir=config.data_dir, channels=config.model.in_channels)
