@@ -7,10 +7,11 @@ default as ``name=(default, domain)``, with the constructors below
 domain and a fix; :meth:`Domain.describe`
 gives the domain for ``--config_help``. A domain is data (bounds, choices,
 the domain of a tuple's items), so tests derive the values just outside each
-one from it.
+one from it. :class:`ConfigError` is what every config check raises.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -20,6 +21,21 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import ml_collections
 
 _NO_DEFAULT = object()
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message says how to fix it."""
+
+
+@contextlib.contextmanager
+def as_config_error():
+  """Re-raises a ``ValueError`` of a library check as ConfigError."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
