@@ -43,8 +43,6 @@ EXIT_CONFIG = 2  # a bad config, path or dataset, or a workdir of another
 EXIT_NONFINITE = 3  # max_bad_steps non-finite steps in a row
 
 
-
-
 # ----------------------------------------------------------------------------
 # data (both stages)
 
